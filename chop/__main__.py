@@ -1,0 +1,3 @@
+from chop.cli import main
+
+main()

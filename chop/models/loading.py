@@ -1,0 +1,74 @@
+"""Load a causal LM by hub id, local path or config, falling back to chop's offline copies without the Hub."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from chop import assets
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve(name: str) -> str:
+    """A local path for ``name`` when it is one, or when the Hub is unreachable and chop has an offline copy.
+
+    Otherwise ``name`` itself, for ``from_pretrained`` to fetch from the Hub.
+    """
+    if Path(name).exists() or name not in assets.OFFLINE_MODELS:
+        return name
+    if not hub_offline():
+        try:
+            from huggingface_hub import model_info
+
+            model_info(name, timeout=10)
+            return name
+        except Exception as err:  # no network, DNS failure, proxy refusal: all mean "use the copy"
+            log.warning("Hugging Face Hub unreachable for %s (%s); using chop's offline copy", name, type(err).__name__)
+    return str(assets.OFFLINE_MODELS[name]())
+
+
+def load_config(name: str) -> Any:
+    return AutoConfig.from_pretrained(resolve(name))
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve(name))
+
+
+def load_model(
+    name: Optional[str] = None,
+    config: Optional[dict] = None,
+    dtype: str = "float32",
+    attn_implementation: Optional[str] = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A causal LM from ``name`` (hub id or directory) or, for tests, random-init from a ``config`` dict.
+
+    ``config`` needs ``model_type``; with ``name`` too, it overrides fields of that model's config.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: '{dtype}' is not one of {list(DTYPES)}")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if name is None:
+        if not config or "model_type" not in config:
+            raise ValueError("model: give a hub id / directory (model.name) or a config dict with model_type (model.config)")
+        fields = {k: v for k, v in config.items() if k != "model_type"}
+        cfg = AutoConfig.for_model(config["model_type"], **fields)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(cfg, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(resolve(name), **(config or {}), **kwargs)
