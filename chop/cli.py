@@ -44,8 +44,12 @@ def check_resume(trainer: Any, model: ContinuedPretraining, ckpt_path: Optional[
         return
     if ckpt_path == "last":
         cb = trainer.checkpoint_callback
-        last = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}" if cb and cb.dirpath else None
-        if last is None or not last.exists():
+        if cb is None:
+            return
+        # Before fit, ModelCheckpoint's folder is only known from the logger (Lightning's default layout).
+        folder = Path(cb.dirpath) if cb.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        last = folder / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+        if not last.exists():
             return  # Lightning warns and starts afresh
         ckpt_path = str(last)
     if not Path(ckpt_path).exists():

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from chop import assets
-from chop.models.loading import hub_offline, load_tokenizer, resolve
+from chop.models import loading
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class PackedStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         shard = self.rank * workers + (worker + self.rotation) % workers
         num_shards = self.world * workers
-        tok = load_tokenizer(self.tokenizer)
+        tok = loading.load_tokenizer(self.tokenizer)
         eos = tok.eos_token_id
         epoch, start_w, start_d, start_t = self.resume.get(shard, [0, 0, 0, 0])
         block: list[int] = []
@@ -149,7 +149,7 @@ class PackedStream(IterableDataset):
 class StreamingDataModule(L.LightningDataModule):
     """Streams, tokenizes and packs a corpus for continued pretraining; resumable mid-stream.
 
-    Train text: ``train_files`` (local json/jsonl/parquet/text, globs allowed) or a hub dataset ``path``/``name``
+    Train text: ``train_files`` (local json/jsonl/parquet/text, globs allowed) or a hub dataset ``path``/``config_name``
     (split ``train``). If the hub is unreachable, ``offline`` names one of chop's offline corpora to use instead.
     Validation: ``val_files``, or the hub split ``val_split``, or else the first ``val_docs`` documents of the train
     stream (then excluded from training); at most ``val_blocks`` blocks.
@@ -159,7 +159,7 @@ class StreamingDataModule(L.LightningDataModule):
         self,
         tokenizer: str = "",
         path: Optional[str] = None,
-        name: Optional[str] = None,
+        config_name: Optional[str] = None,
         train_files: Optional[list[str]] = None,
         val_files: Optional[list[str]] = None,
         val_split: Optional[str] = None,
@@ -174,7 +174,8 @@ class StreamingDataModule(L.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tokenizer"])  # the model's hparams hold it already
+        self.tokenizer = tokenizer
         if not tokenizer:
             raise ValueError("data.tokenizer: not set (it is linked from model.name; set one of them)")
         if not train_files and not path:
@@ -197,27 +198,27 @@ class StreamingDataModule(L.LightningDataModule):
         h = self.hparams
         if self.train_files:
             train = Source(files=self.train_files, text_field=h.text_field)
-        elif h.offline and (hub_offline() or not _hub_reachable(h.path, h.name)):
+        elif h.offline and (loading.hub_offline() or not _hub_reachable(h.path, h.config_name)):
             log.warning("data: hub dataset %s unreachable; using chop's offline corpus '%s'", h.path, h.offline)
             root = assets.OFFLINE_CORPORA[h.offline]()
             train = Source(files=(str(root / "train.jsonl"),), text_field="text")
             return train, Source(files=(str(root / "val.jsonl"),), text_field="text")
         else:
-            train = Source(path=h.path, name=h.name, split="train", text_field=h.text_field)
+            train = Source(path=h.path, name=h.config_name, split="train", text_field=h.text_field)
         if self.val_files:
             return train, Source(files=self.val_files, text_field=h.text_field)
         if h.val_split:
-            return train, Source(path=h.path, name=h.name, split=h.val_split, text_field=h.text_field)
+            return train, Source(path=h.path, name=h.config_name, split=h.val_split, text_field=h.text_field)
         return train, None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train is not None:
             return
         h = self.hparams
-        tokenizer = resolve(h.tokenizer)  # once, here: workers must not each ask the hub
-        tok = load_tokenizer(tokenizer)
+        tokenizer = loading.resolve(self.tokenizer)  # once, here: workers must not each ask the hub
+        tok = loading.load_tokenizer(tokenizer)
         if tok.eos_token_id is None:
-            raise ValueError(f"data.tokenizer: '{h.tokenizer}' has no EOS token to separate documents")
+            raise ValueError(f"data.tokenizer: '{self.tokenizer}' has no EOS token to separate documents")
         train_src, val_src = self._sources()
         next(iter(train_src.documents()), None)  # fail now on a missing text field, not in a worker
         skip = 0 if val_src else h.val_docs
@@ -231,7 +232,7 @@ class StreamingDataModule(L.LightningDataModule):
     def _val_blocks(self, src: Source, tokenizer: str) -> list[torch.Tensor]:
         """Pack validation documents in order, until ``val_blocks`` blocks (a whole number per rank)."""
         h = self.hparams
-        tok = load_tokenizer(tokenizer)
+        tok = loading.load_tokenizer(tokenizer)
         docs = src.documents()
         if src is self.train.source:
             docs = itertools.islice(docs, h.val_docs)

@@ -92,6 +92,9 @@ STRATEGIES: dict[str, Callable[..., list[int]]] = {
 }
 
 
+KEEPS_ENDS = {"input", "output", "middle", "both", "max_gap"}  # Just CHOP's placements never remove the first/last layer
+
+
 @dataclass
 class LayerChop:
     """Which layers to delete. Give exactly one target: ``n_remove``, ``n_keep`` or ``fraction`` (of layers removed);
@@ -137,6 +140,8 @@ class LayerChop:
                 n = self.n_remove
         if not 1 <= n <= n_layers - 1:
             raise ValueError(f"chop: removing {n} of {n_layers} layers is not allowed (at least 1 removed and 1 kept)")
+        if self.strategy in KEEPS_ENDS:
+            _check_inner(n_layers, n)
         return n
 
     def removed(self, n_layers: int, scores: Optional[list[float]] = None) -> list[int]:
@@ -225,6 +230,7 @@ def block_influence(model: PreTrainedModel, batches: Iterable[torch.Tensor], ang
 
 def chop(model: PreTrainedModel, spec: LayerChop, calibration: Optional[Iterable[torch.Tensor]] = None) -> ChopPlan:
     """Chop ``model`` in place by ``spec`` and return the plan."""
+    architecture(model.config)
     n_layers = num_layers(model.config)
     spec.n_to_remove(n_layers)
     scores = None

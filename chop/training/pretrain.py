@@ -100,6 +100,7 @@ class ContinuedPretraining(L.LightningModule):
                 self.plan = chop(self.model, spec, calib)
                 log.info("chop plan: kept %s; parameters %d -> %d", self.plan.kept, self.plan.params_before, self.plan.params_after)
         self.model.config.use_cache = False
+        self.model.train()  # from_pretrained leaves it in eval mode
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Compiled forward kept outside the module tree so that state_dict keys stay those of the HF model.
@@ -138,6 +139,12 @@ class ContinuedPretraining(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
+        if self.trainer.sanity_checking:
+            # Lightning drops logs of the sanity check; its pass over the validation set is the step-0 baseline.
+            if self.global_step == 0 and self.trainer.is_global_zero:
+                for logger in self.loggers:
+                    logger.log_metrics({"val/loss": loss.item(), "val/ppl": math.exp(loss.item())}, step=0)
+            return
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
 
@@ -150,6 +157,15 @@ class ContinuedPretraining(L.LightningModule):
         if self.flops_per_batch is None:
             ids = batch["input_ids"][:, :-1]
             self._flops_per_batch = train_flops_per_token(self.model, ids.shape[1]) * ids.numel()
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        # Lightning refuses to clip for a fused AdamW under any AMP plugin; only fp16 (a GradScaler) needs that.
+        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None \
+                and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches

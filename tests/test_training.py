@@ -1,0 +1,151 @@
+"""`chop fit` end to end on the CPU: training, TensorBoard, checkpoints, exact resume, export, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from chop.cli import cli_main, export
+from chop.training.callbacks import AtomicCheckpointIO
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+FIX = ROOT / "tests" / "fixtures"
+
+
+def args(tmp_path, *extra, callbacks=()):
+    """``fit`` on configs/tiny_cpu.yaml writing under ``tmp_path``, with extra callbacks (class_path, init_args)."""
+    cfg = yaml.safe_load(open(TINY))
+    cfg["model"]["init_args"]["tokenizer"] = str(FIX / "tokenizer")
+    cfg["data"]["init_args"].update(train_files=[str(FIX / "train.jsonl")], val_files=[str(FIX / "val.jsonl")])
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    cfg["trainer"]["callbacks"] += [{"class_path": c, "init_args": a} for c, a in callbacks]
+    path = tmp_path / f"config{len(list(tmp_path.glob('config*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return ["fit", "--config", str(path), *extra]
+
+
+def run_cli(*argv, check=True):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "chop", *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-4000:])
+    return proc
+
+
+def steps(path):
+    return [json.loads(line) for line in open(f"{path}.rank0")]
+
+
+def scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for ev in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return out
+
+
+def test_fit_logs_checkpoints_and_exports(tmp_path):
+    cli_main(args(tmp_path, "--trainer.max_steps=8"))
+    run = tmp_path / "tiny_cpu" / "checkpoints"
+    assert {"last.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=8.ckpt", "chop_plan.json", "hf"} <= {p.name for p in run.iterdir()}
+    plan = json.loads((run / "chop_plan.json").read_text())
+    assert plan["kept"] == [0, 3, 4, 5] and plan["params_after"] < plan["params_before"]
+    tb = scalars(tmp_path / "tiny_cpu")
+    for tag in ("train/loss", "val/loss", "val/ppl", "train/tokens_seen", "lr-AdamW/pg1"):
+        assert tag in tb, tag
+    assert tb["train/tokens_seen"][-1] == 8 * 4 * 16
+    assert tb["val/loss"][-1] < tb["val/loss"][0]  # the random model learns the fixture's word order
+    lrs = tb["lr-AdamW/pg1"]
+    assert lrs[0] < lrs[1] == pytest.approx(3e-3) and lrs[-1] < lrs[2]  # warmup, then cosine decay
+    hf = AutoModelForCausalLM.from_pretrained(run / "hf")
+    assert hf.config.num_hidden_layers == 4
+    # `chop export` from the checkpoint gives the same weights as the end-of-fit export.
+    out = export(str(run / "last.ckpt"), str(tmp_path / "exported"))
+    again = AutoModelForCausalLM.from_pretrained(out)
+    x = torch.randint(2, 1100, (2, 10))
+    torch.testing.assert_close(again(x).logits, hf(x).logits, rtol=0, atol=0)
+    with pytest.raises(FileExistsError, match="--out: .* exists and is not empty"):
+        export(str(run / "last.ckpt"), str(out))
+
+
+def test_resume_after_kill_repeats_the_same_steps(tmp_path):
+    straight, broken = tmp_path / "a", tmp_path / "b"
+    straight.mkdir(), broken.mkdir()
+    record = lambda d: ("helpers.RecordSteps", {"path": str(d / "steps")})  # noqa: E731
+    run_cli(*args(straight, "--trainer.max_steps=8", callbacks=[record(straight)]))
+    killed = run_cli(*args(broken, "--trainer.max_steps=8", callbacks=[record(broken), ("helpers.KillAt", {"step": 4})]),
+                     check=False)
+    assert killed.returncode == 3
+    assert len(steps(broken / "steps")) == 4
+    run_cli(*args(broken, "--trainer.max_steps=8", "--ckpt_path=last", callbacks=[record(broken)]))
+    a, b = steps(straight / "steps"), steps(broken / "steps")
+    assert [s["step"] for s in b] == list(range(1, 9))
+    assert [s["batch"] for s in a] == [s["batch"] for s in b]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_corrupt_checkpoint_is_refused_and_nothing_overwritten(tmp_path):
+    cli_main(args(tmp_path, "--trainer.max_steps=4"))
+    run = tmp_path / "tiny_cpu" / "checkpoints"
+    last = run / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: 5000])
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    with pytest.raises(ValueError, match="--ckpt_path: .*last.ckpt' is not a readable checkpoint"):
+        cli_main(args(tmp_path, "--trainer.max_steps=8", "--ckpt_path=last"))
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    cli_main(args(tmp_path, "--trainer.max_steps=4"))
+    with pytest.raises(ValueError, match="was trained from 'random-init llama', but model.name is 'random-init gpt2'"):
+        cli_main(args(tmp_path, "--trainer.max_steps=8", "--ckpt_path=last",
+                      '--model.config={"model_type": "gpt2", "vocab_size": 1100, "n_embd": 32, "n_layer": 6, "n_head": 4}'))
+
+
+def test_checkpoint_chopped_otherwise_is_refused(tmp_path):
+    cli_main(args(tmp_path, "--trainer.max_steps=4"))
+    with pytest.raises(ValueError, match="was chopped by input, but model.chop is .*strategy='output'"):
+        cli_main(args(tmp_path, "--trainer.max_steps=8", "--ckpt_path=last", "--model.chop.strategy=output"))
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    proc = run_cli(*args(tmp_path, "--model.init_args.learning_rate=3"), check=False)
+    assert proc.returncode != 0 and "learning_rate" in proc.stderr
+
+
+def test_invalid_chop_target_fails_before_weights_load(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llama", num_hidden_layers=6).save_pretrained(tmp_path / "no-weights")  # config only
+    with pytest.raises((ValueError, SystemExit)) as err:
+        cli_main(args(tmp_path, "--model.chop.n_remove=6", f"--model.name={tmp_path / 'no-weights'}", "--model.config=null"))
+    assert "removing 6 of 6 layers is not allowed" in str(err.value.__context__ or err.value)
+
+
+def test_atomic_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
