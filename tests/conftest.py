@@ -20,6 +20,7 @@ TINY = {
     "qwen2": dict(model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=3, **_COMMON),
     "qwen3": dict(model_type="qwen3", head_dim=8, **_COMMON),
     "gemma2": dict(model_type="gemma2", head_dim=8, sliding_window=16, **_COMMON),
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=8, sliding_window=16, **_COMMON),
     "phi3": dict(model_type="phi3", **_COMMON),
     "olmo2": dict(model_type="olmo2", **_COMMON),
     "opt": dict(model_type="opt", vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=6, num_attention_heads=4,

@@ -102,7 +102,10 @@ class ContinuedPretraining(L.LightningModule):
         self.model.config.use_cache = False
         self.model.train()  # from_pretrained leaves it in eval mode
         if self.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                self.model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Compiled forward kept outside the module tree so that state_dict keys stay those of the HF model.
         self.__dict__["_forward"] = torch.compile(self.model) if self.compile_forward else self.model
 
