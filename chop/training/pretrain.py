@@ -70,7 +70,6 @@ class ContinuedPretraining(L.LightningModule):
         self.compile_forward, self.gradient_checkpointing, self.export_on_end = compile, gradient_checkpointing, export_on_end
         self.model: Optional[PreTrainedModel] = None
         self.plan: Optional[ChopPlan] = None
-        self.flops_per_token = 0.0
         self.tokens_seen = 0
         self.val_loss = MeanMetric()
         if chop is not None and name is not None:
