@@ -25,6 +25,7 @@ def args(tmp_path, *extra, callbacks=()):
     cfg["model"]["init_args"]["tokenizer"] = str(FIX / "tokenizer")
     cfg["data"]["init_args"].update(train_files=[str(FIX / "train.jsonl")], val_files=[str(FIX / "val.jsonl")])
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    cfg["trainer"]["callbacks"][2]["init_args"] = {"window_size": 2, "peak_tflops": 0.001}  # MFU on a CPU too
     cfg["trainer"]["callbacks"] += [{"class_path": c, "init_args": a} for c, a in callbacks]
     path = tmp_path / f"config{len(list(tmp_path.glob('config*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -62,8 +63,10 @@ def test_fit_logs_checkpoints_and_exports(tmp_path):
     plan = json.loads((run / "chop_plan.json").read_text())
     assert plan["kept"] == [0, 3, 4, 5] and plan["params_after"] < plan["params_before"]
     tb = scalars(tmp_path / "tiny_cpu")
-    for tag in ("train/loss", "val/loss", "val/ppl", "train/tokens_seen", "lr-AdamW/pg1"):
-        assert tag in tb, tag
+    for tag in ("train/loss", "val/loss", "val/ppl", "train/tokens_seen", "lr-AdamW/pg1", "train/device/items_per_sec",
+                "train/device/mfu"):
+        assert tag in tb, (tag, sorted(tb))
+    assert all(v > 0 for v in tb["train/device/mfu"])
     assert tb["train/tokens_seen"][-1] == 8 * 4 * 16
     assert tb["val/loss"][-1] < tb["val/loss"][0]  # the random model learns the fixture's word order
     lrs = tb["lr-AdamW/pg1"]
