@@ -57,7 +57,7 @@ def scalars(logdir):
 
 
 def test_fit_logs_checkpoints_and_exports(tmp_path):
-    cli_main(args(tmp_path, "--trainer.max_steps=8"))
+    cli_main(args(tmp_path, "--trainer.max_steps=8", "--trainer.num_sanity_val_steps=2"))
     run = tmp_path / "tiny_cpu" / "checkpoints"
     assert {"last.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=8.ckpt", "chop_plan.json", "hf"} <= {p.name for p in run.iterdir()}
     plan = json.loads((run / "chop_plan.json").read_text())
@@ -68,6 +68,7 @@ def test_fit_logs_checkpoints_and_exports(tmp_path):
         assert tag in tb, (tag, sorted(tb))
     assert all(v > 0 for v in tb["train/device/mfu"])
     assert tb["train/tokens_seen"][-1] == 8 * 4 * 16
+    assert len(tb["val/loss"]) == 3  # the sanity pass is the step-0 baseline, then steps 4 and 8
     assert tb["val/loss"][-1] < tb["val/loss"][0]  # the random model learns the fixture's word order
     lrs = tb["lr-AdamW/pg1"]
     assert lrs[0] < lrs[1] == pytest.approx(3e-3) and lrs[-1] < lrs[2]  # warmup, then cosine decay

@@ -142,8 +142,9 @@ class ContinuedPretraining(L.LightningModule):
         loss = self.val_loss.compute()
         self.val_loss.reset()
         if self.trainer.sanity_checking:
-            # Lightning drops logs of the sanity check; its pass over the validation set is the step-0 baseline.
-            if self.global_step == 0 and self.trainer.is_global_zero:
+            # Lightning drops logs of the sanity check; a sanity pass over the whole validation set is the step-0 baseline.
+            full = sum(self.trainer.num_sanity_val_batches) == sum(self.trainer.num_val_batches)
+            if full and self.global_step == 0 and self.trainer.is_global_zero:
                 for logger in self.loggers:
                     logger.log_metrics({"val/loss": loss.item(), "val/ppl": math.exp(loss.item())}, step=0)
             return
