@@ -19,40 +19,30 @@ from transformers import PretrainedConfig, PreTrainedModel
 from chop.models.registry import architecture, decoder_layers, num_layers
 
 
-def _check_inner(n_layers: int, n: int) -> None:
-    if n > n_layers - 2:
-        raise ValueError(f"chop: this strategy keeps the first and last layer, so it can remove at most {n_layers - 2} of {n_layers} layers, not {n}")
-
-
 def remove_input(n_layers: int, n: int, **_: Any) -> list[int]:
     """The n layers right after the first (Just CHOP's choice for 1.1B and Llama-2-7B)."""
-    _check_inner(n_layers, n)
     return list(range(1, 1 + n))
 
 
 def remove_output(n_layers: int, n: int, **_: Any) -> list[int]:
     """The n layers right before the last."""
-    _check_inner(n_layers, n)
     return list(range(n_layers - 1 - n, n_layers - 1))
 
 
 def remove_middle(n_layers: int, n: int, **_: Any) -> list[int]:
     """A contiguous block of n layers centred in the stack."""
-    _check_inner(n_layers, n)
     start = max(1, (n_layers - n) // 2)
     return list(range(start, start + n))
 
 
 def remove_both(n_layers: int, n: int, **_: Any) -> list[int]:
     """ceil(n/2) layers after the first and floor(n/2) before the last."""
-    _check_inner(n_layers, n)
     head = (n + 1) // 2
     return sorted(remove_input(n_layers, head) + (remove_output(n_layers, n - head) if n - head else []))
 
 
 def remove_max_gap(n_layers: int, n: int, **_: Any) -> list[int]:
     """n layers spread evenly over the inner layers, so that removed layers are as far apart as possible."""
-    _check_inner(n_layers, n)
     inner = n_layers - 2
     return sorted({1 + math.floor((i + 0.5) * inner / n) for i in range(n)})
 
@@ -140,8 +130,9 @@ class LayerChop:
                 n = self.n_remove
         if not 1 <= n <= n_layers - 1:
             raise ValueError(f"chop: removing {n} of {n_layers} layers is not allowed (at least 1 removed and 1 kept)")
-        if self.strategy in KEEPS_ENDS:
-            _check_inner(n_layers, n)
+        if self.strategy in KEEPS_ENDS and n > n_layers - 2:
+            raise ValueError(f"chop: strategy '{self.strategy}' keeps the first and last layer, so it can remove at most "
+                             f"{n_layers - 2} of {n_layers} layers, not {n}")
         return n
 
     def removed(self, n_layers: int, scores: Optional[list[float]] = None) -> list[int]:
@@ -230,7 +221,7 @@ def block_influence(model: PreTrainedModel, batches: Iterable[torch.Tensor], ang
 
 def chop(model: PreTrainedModel, spec: LayerChop, calibration: Optional[Iterable[torch.Tensor]] = None) -> ChopPlan:
     """Chop ``model`` in place by ``spec`` and return the plan."""
-    architecture(model.config)
+    architecture(model.config)  # an unsupported model is named before its target is judged
     n_layers = num_layers(model.config)
     spec.n_to_remove(n_layers)
     scores = None
