@@ -89,10 +89,10 @@ def main() -> None:
     p.add_argument("--variants", default="plain,chop,plain+compile,chop+compile")
     args = p.parse_args()
     from chop.models.loading import load_model
-    from chop.training.flops import train_flops_per_token
+    from chop.training.flops import ModelSize
 
     with torch.device("meta"):
-        flops = train_flops_per_token(load_model(config=LLAMA_1B), args.seq)
+        flops = ModelSize.of(load_model(config=LLAMA_1B)).train_flops(args.seq)
     n = sum(p.numel() for p in load_model(config=LLAMA_1B).parameters())
     results = {"gpu": torch.cuda.get_device_name(), "params": n, "flops_per_token": flops, "batch": args.batch,
                "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "variants": {}}

@@ -62,6 +62,10 @@ def check_resume(trainer: Any, model: ContinuedPretraining, ckpt_path: Optional[
     if (saved is None) != (now is None) or (saved is not None and saved["strategy"] != now.strategy):
         raise ValueError(f"--ckpt_path: '{ckpt_path}' was chopped by {saved and saved['strategy']}, but model.chop "
                          f"is {now}; resume with the config that made it")
+    teacher = getattr(model, "teacher_source", None)
+    if meta.get("teacher") != teacher:
+        raise ValueError(f"--ckpt_path: '{ckpt_path}' was trained with teacher {meta.get('teacher')!r}, but this run's "
+                         f"is {teacher!r}; resume with the config that made it")
 
 
 def cli_main(args: Optional[list[str]] = None) -> ChopCLI:

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 
 
 class RecordSteps(Callback):
-    """Appends one json line per training step: global step, loss, a hash of the batch's tokens."""
+    """Appends one json line per training step: global step, loss, the logged train/* values, a hash of the batch."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -17,7 +17,9 @@ class RecordSteps(Callback):
         ids = batch["input_ids"].cpu().numpy()
         with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
             f.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"]),
-                                "batch": hashlib.sha1(ids.tobytes()).hexdigest(), "ids": ids.tolist()}) + "\n")
+                                "batch": hashlib.sha1(ids.tobytes()).hexdigest(), "ids": ids.tolist(),
+                                "logged": {k: float(v) for k, v in trainer.callback_metrics.items()
+                                           if k.startswith("train/")}}) + "\n")
 
 
 class KillAt(Callback):

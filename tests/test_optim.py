@@ -7,7 +7,7 @@ import torch
 
 from chop.models.loading import load_model
 from chop.training import optim
-from chop.training.flops import train_flops_per_token
+from chop.training.flops import ModelSize
 from conftest import TINY
 
 
@@ -45,14 +45,15 @@ def test_bad_optimizer_settings_are_named():
 def test_flops_per_token_by_hand():
     model = load_model(config=TINY["llama"])  # 6 layers, hidden 32
     n = sum(p.numel() for p in model.parameters())
-    assert train_flops_per_token(model, 64) == 6 * n + 12 * 6 * 32 * 64
+    assert ModelSize.of(model).train_flops(64) == 6 * n + 12 * 6 * 32 * 64
+    assert ModelSize.of(model).forward_flops(64) == 2 * n + 4 * 6 * 32 * 64
     # The 1.1B student of the throughput benchmark: 6N + 12 L d s at s = 2048.
     with torch.device("meta"):
         big = load_model(config=dict(model_type="llama", hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                                      num_key_value_heads=4, intermediate_size=5632, vocab_size=32000))
     n = sum(p.numel() for p in big.parameters())
     assert n == 1_100_048_384
-    assert train_flops_per_token(big, 2048) == pytest.approx(6 * n + 12 * 22 * 2048 * 2048)
+    assert ModelSize.of(big).train_flops(2048) == pytest.approx(6 * n + 12 * 22 * 2048 * 2048)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -63,7 +64,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for ckpt in (False, True):
         module = ContinuedPretraining(config=TINY["llama"], gradient_checkpointing=ckpt, attn_implementation="eager")
         module.configure_model()
-        module.lm_loss(module(x[:, :-1]), x[:, 1:]).backward()
+        module.training_loss(x[:, :-1], x[:, 1:])["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
     assert math.isfinite(grads[0].sum().item())

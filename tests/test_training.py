@@ -16,12 +16,13 @@ from chop.training.callbacks import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+TINY_DISTILL = str(ROOT / "configs" / "tiny_cpu_distill.yaml")
 FIX = ROOT / "tests" / "fixtures"
 
 
-def args(tmp_path, *extra, callbacks=()):
-    """``fit`` on configs/tiny_cpu.yaml writing under ``tmp_path``, with extra callbacks (class_path, init_args)."""
-    cfg = yaml.safe_load(open(TINY))
+def args(tmp_path, *extra, callbacks=(), config=TINY):
+    """``fit`` on ``config`` (tiny_cpu.yaml) writing under ``tmp_path``, with extra callbacks (class_path, init_args)."""
+    cfg = yaml.safe_load(open(config))
     cfg["model"]["init_args"]["tokenizer"] = str(FIX / "tokenizer")
     cfg["data"]["init_args"].update(train_files=[str(FIX / "train.jsonl")], val_files=[str(FIX / "val.jsonl")])
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
@@ -83,21 +84,28 @@ def test_fit_logs_checkpoints_and_exports(tmp_path):
         export(str(run / "last.ckpt"), str(out))
 
 
-def test_resume_after_kill_repeats_the_same_steps(tmp_path):
+@pytest.mark.parametrize("config", [TINY, TINY_DISTILL], ids=["pretrain", "distill"])
+def test_resume_after_kill_repeats_the_same_steps(tmp_path, config):
     straight, broken = tmp_path / "a", tmp_path / "b"
     straight.mkdir(), broken.mkdir()
     record = lambda d: ("helpers.RecordSteps", {"path": str(d / "steps")})  # noqa: E731
-    run_cli(*args(straight, "--trainer.max_steps=8", callbacks=[record(straight)]))
-    killed = run_cli(*args(broken, "--trainer.max_steps=8", callbacks=[record(broken), ("helpers.KillAt", {"step": 4})]),
-                     check=False)
+    run_cli(*args(straight, "--trainer.max_steps=8", callbacks=[record(straight)], config=config))
+    killed = run_cli(*args(broken, "--trainer.max_steps=8", callbacks=[record(broken), ("helpers.KillAt", {"step": 4})],
+                           config=config), check=False)
     assert killed.returncode == 3
     assert len(steps(broken / "steps")) == 4
-    run_cli(*args(broken, "--trainer.max_steps=8", "--ckpt_path=last", callbacks=[record(broken)]))
+    run_cli(*args(broken, "--trainer.max_steps=8", "--ckpt_path=last", callbacks=[record(broken)], config=config))
     a, b = steps(straight / "steps"), steps(broken / "steps")
     assert [s["step"] for s in b] == list(range(1, 9))
     assert [s["batch"] for s in a] == [s["batch"] for s in b]
+    terms = {"train/loss", "train/tokens_seen", "train/flops"} | ({"train/lm", "train/logits", "train/hidden"}
+                                                                 if config == TINY_DISTILL else set())
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+        assert terms <= set(x["logged"]), sorted(x["logged"])
+        for k in terms:
+            assert x["logged"][k] == pytest.approx(y["logged"][k], rel=1e-5, abs=1e-6), (x["step"], k)
+    assert b[-1]["logged"]["train/gpu_hours"] > b[3]["logged"]["train/gpu_hours"] > 0  # carried over the resume
 
 
 def test_corrupt_checkpoint_is_refused_and_nothing_overwritten(tmp_path):

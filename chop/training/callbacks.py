@@ -1,7 +1,8 @@
-"""Lightning callbacks and plugins that chop configs name: throughput/MFU and atomic checkpoint writes."""
+"""Lightning callbacks and plugins that chop configs name: throughput/MFU, compute budgets, atomic checkpoints."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 
 from chop.training.flops import peak_tflops
 
@@ -33,6 +34,42 @@ class TokenThroughput(ThroughputMonitor):
             self.available_flops = peak * 1e12
             for t in self._throughputs.values():
                 t.available_flops = self.available_flops
+
+
+class ComputeBudget(Callback):
+    """Ends training once the run's cumulative training FLOPs or tokens (all devices, across resumes) reach a budget.
+
+    The training module turns the budget into ``trainer.max_steps`` before it builds the learning-rate schedule, so
+    the schedule ends where the budget does; equal-compute comparisons differ only in this line of their configs.
+    FLOPs are the module's ``flops_per_token`` (a distillation student's 6N plus its teacher's 2N, attention included).
+    """
+
+    def __init__(self, max_flops: Optional[float] = None, max_tokens: Optional[int] = None) -> None:
+        if max_flops is None and max_tokens is None:
+            raise ValueError("ComputeBudget: set max_flops or max_tokens (or both)")
+        if (max_flops is not None and max_flops <= 0) or (max_tokens is not None and max_tokens <= 0):
+            raise ValueError(f"ComputeBudget: max_flops ({max_flops}) and max_tokens ({max_tokens}) must be > 0")
+        self.max_flops, self.max_tokens = max_flops, max_tokens
+
+    def max_steps(self, trainer: Any, pl_module: Any) -> int:
+        """Optimizer steps that reach the budget, from the data's batch shape and the module's FLOPs per token."""
+        hparams = getattr(trainer.datamodule, "hparams", {})
+        seq, batch = hparams.get("seq_len"), hparams.get("batch_size")
+        if not seq or not batch:
+            raise ValueError("ComputeBudget: the data module's hparams need seq_len and batch_size to turn a budget "
+                             "into steps (chop.StreamingDataModule has both)")
+        tokens = batch * seq * trainer.world_size * trainer.accumulate_grad_batches
+        limits = []
+        if self.max_tokens is not None:
+            limits.append(math.ceil(self.max_tokens / tokens))
+        if self.max_flops is not None:
+            limits.append(math.ceil(self.max_flops / (tokens * pl_module.flops_per_token(seq))))
+        return min(limits)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if (self.max_tokens is not None and pl_module.tokens_seen >= self.max_tokens) or \
+                (self.max_flops is not None and pl_module.flops_seen >= self.max_flops):
+            trainer.should_stop = True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,11 +19,26 @@ def peak_tflops(device: Optional[torch.device] = None) -> Optional[float]:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """6N + 12 L d s: forward and backward of every parameter, plus attention scores and values (PaLM appendix B).
+@dataclass(frozen=True)
+class ModelSize:
+    """What FLOP counts need of a model. Taken before a strategy shards the parameters (FSDP would count shards).
 
-    N counts all parameters (tied embeddings once), as the reference MFU figures in the issues do.
+    ``params`` counts all parameters (tied embeddings once), as the reference MFU figures in the issues do.
     """
-    config = model.config.get_text_config()
-    n = sum(p.numel() for p in model.parameters())
-    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+    params: int
+    layers: int
+    hidden: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelSize":
+        config = model.config.get_text_config()
+        return cls(sum(p.numel() for p in model.parameters()), config.num_hidden_layers, config.hidden_size)
+
+    def forward_flops(self, seq_len: int) -> float:
+        """Per token, 2N + 4 L d s: a multiply-add per parameter, plus attention scores and values (PaLM app. B)."""
+        return 2 * self.params + 4 * self.layers * self.hidden * seq_len
+
+    def train_flops(self, seq_len: int) -> float:
+        """Per token, 6N + 12 L d s: the forward, and a backward that costs twice as much."""
+        return 3 * self.forward_flops(seq_len)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -21,7 +21,9 @@ from chop.models.loading import DTYPES, load_config, load_model
 from chop.models.registry import num_layers
 from chop.pruning.layerchop import ChopPlan, LayerChop, chop
 from chop.training import optim
-from chop.training.flops import train_flops_per_token
+from chop.training.callbacks import ComputeBudget
+from chop.training.flops import ModelSize
+from chop.training.losses import LogitLoss, head_losses, output_head
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class ContinuedPretraining(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         export_on_end: at the end of ``fit``, write the model and tokenizer as a Hugging Face directory
             ``hf/`` beside the checkpoints.
+        logit_chunk: tokens per chunk in which logits and their losses are computed, so that the full
+            ``[tokens, vocab]`` float32 logits never exist at once (0: all at once).
     """
 
     def __init__(
@@ -57,27 +61,44 @@ class ContinuedPretraining(L.LightningModule):
         compile: bool = False,
         gradient_checkpointing: bool = False,
         export_on_end: bool = True,
+        logit_chunk: int = 1024,
     ) -> None:
         super().__init__()
+        chop = LayerChop(**chop) if isinstance(chop, dict) else chop  # Python callers may pass plain dicts
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype: '{dtype}' is not one of {list(DTYPES)}")
         if name is None and not (config and "model_type" in config):
             raise ValueError("model.name: give a hub id or directory, or model.config with a model_type for random init")
+        if logit_chunk < 0:
+            raise ValueError(f"model.logit_chunk: {logit_chunk} must be >= 0 (0 computes all logits at once)")
         self.save_hyperparameters()
         # LightningCLI stores its config (plain dicts) as hparams: keep the typed arguments themselves too.
         self.name, self.config_overrides, self.dtype_name, self.attn = name, config, dtype, attn_implementation
         self.chop_spec, self.optim_cfg, self.tokenizer_name = chop, optim, tokenizer or name
         self.compile_forward, self.gradient_checkpointing, self.export_on_end = compile, gradient_checkpointing, export_on_end
+        self.logit_chunk = logit_chunk
         self.model: Optional[PreTrainedModel] = None
         self.plan: Optional[ChopPlan] = None
-        self.tokens_seen = 0
+        self.tokens_seen, self.flops_seen, self.device_seconds = 0, 0.0, 0.0
         self.val_loss = MeanMetric()
-        if chop is not None and name is not None:
-            chop.n_to_remove(num_layers(load_config(name)))  # reject a bad target before any weights load
+        if chop is not None:
+            chop.n_to_remove(num_layers(self.source_config()))  # reject a bad target before any weights load
 
     @property
     def source(self) -> str:
         return self.name or f"random-init {self.config_overrides['model_type']}"
+
+    def source_config(self) -> Any:
+        """The source model's config, without loading weights."""
+        if self.name is None:
+            return AutoConfig.for_model(**self.config_overrides)
+        config = load_config(self.name)
+        for key, value in (self.config_overrides or {}).items():
+            setattr(config, key, value)
+        return config
+
+    def load_source(self) -> PreTrainedModel:
+        return load_model(self.name, self.config_overrides, self.dtype_name, self.attn)
 
     # -- model ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -90,7 +111,7 @@ class ContinuedPretraining(L.LightningModule):
             self.model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[self.dtype_name], attn_implementation=self.attn)
             self.plan = ChopPlan(**resume["plan"]) if resume.get("plan") else None
         else:
-            self.model = load_model(self.name, self.config_overrides, self.dtype_name, self.attn)
+            self.model = self.load_source()
             spec = self.chop_spec
             if spec is not None:
                 calib = None
@@ -99,14 +120,17 @@ class ContinuedPretraining(L.LightningModule):
                 self.plan = chop(self.model, spec, calib)
                 log.info("chop plan: kept %s; parameters %d -> %d", self.plan.kept, self.plan.params_before, self.plan.params_after)
         self.model.config.use_cache = False
+        self.model_size = ModelSize.of(self.model)
         self.model.train()  # from_pretrained leaves it in eval mode
         if self.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 self.model.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # Compiled forward kept outside the module tree so that state_dict keys stay those of the HF model.
-        self.__dict__["_forward"] = torch.compile(self.model) if self.compile_forward else self.model
+        # The body (all but the LM head) runs compiled; kept outside the module tree so state_dict keys stay the HF ones.
+        body = self.model.base_model
+        self.__dict__["_body"] = torch.compile(body) if self.compile_forward else body
+        self.__dict__["_head"] = output_head(self.model)
 
     def _checkpoint_meta(self) -> Optional[dict]:
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
@@ -116,26 +140,33 @@ class ContinuedPretraining(L.LightningModule):
 
     # -- steps ------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(input_ids=input_ids, use_cache=False).logits
+        return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (after the last norm), which the LM head turns into logits."""
+        return self._body(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def logit_losses(self, hidden: torch.Tensor, targets: torch.Tensor, loss: LogitLoss = LogitLoss(),
+                     teacher_hidden: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """``head_losses`` through this model's LM head, in chunks of ``logit_chunk`` tokens."""
+        head = self.model.get_output_embeddings()
+        return head_losses(hidden, targets, self._head, loss, teacher_hidden, getattr(self, "_teacher_head", None),
+                           params=tuple(p for p in head.parameters() if p.requires_grad), chunk=self.logit_chunk)
 
     def training_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses of one batch; ``loss`` is optimised, every entry is logged as ``train/<key>``."""
-        return {"loss": self.lm_loss(self(inputs), targets)}
+        return {"loss": self.logit_losses(self.hidden_states(inputs), targets)["loss"]}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]
         losses = self.training_loss(ids[:, :-1], ids[:, 1:])
-        self.tokens_seen += ids[:, :-1].numel() * self.trainer.world_size
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True)
-        self.log("train/tokens_seen", float(self.tokens_seen))
+        self._count_compute()
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
-        loss = self.lm_loss(self(ids[:, :-1]), ids[:, 1:])
+        loss = self.logit_losses(self.hidden_states(ids[:, :-1]), ids[:, 1:])["lm"]
         self.val_loss.update(loss, weight=ids[:, 1:].numel())
 
     def on_validation_epoch_end(self) -> None:
@@ -151,15 +182,34 @@ class ContinuedPretraining(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
 
+    # -- compute accounting -----------------------------------------------------------------------------------
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at ``seq_len``: the trained model's forward and backward (6N + 12 L d s)."""
+        return self.model_size.train_flops(seq_len)
+
     @property
     def flops_per_batch(self) -> Optional[float]:
         """Read by ThroughputMonitor for MFU: FLOPs of one training batch on one device."""
         return getattr(self, "_flops_per_batch", None)
 
+    def on_train_start(self) -> None:
+        self._clock = time.perf_counter()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.flops_per_batch is None:
-            ids = batch["input_ids"][:, :-1]
-            self._flops_per_batch = train_flops_per_token(self.model, ids.shape[1]) * ids.numel()
+        ids = batch["input_ids"][:, :-1]
+        if getattr(self, "_batch_shape", None) != ids.shape:
+            self._batch_shape = ids.shape
+            self._flops_per_batch = self.flops_per_token(ids.shape[1]) * ids.numel()
+
+    def _count_compute(self) -> None:
+        """Cumulative tokens, training FLOPs and device-hours (wall time x devices), over all ranks and resumes."""
+        world, now = self.trainer.world_size, time.perf_counter()
+        self.tokens_seen += self._batch_shape.numel() * world
+        self.flops_seen += self._flops_per_batch * world
+        self.device_seconds += (now - self._clock) * world
+        self._clock = now
+        self.log_dict({"train/tokens_seen": float(self.tokens_seen), "train/flops": self.flops_seen,
+                       "train/gpu_hours": self.device_seconds / 3600})
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
                                     gradient_clip_algorithm: Optional[str] = None) -> None:
@@ -172,9 +222,14 @@ class ContinuedPretraining(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        budgets = [cb.max_steps(self.trainer, self) for cb in self.trainer.callbacks if isinstance(cb, ComputeBudget)]
+        if budgets and min(budgets) < total:
+            total = self.trainer.fit_loop.epoch_loop.max_steps = min(budgets)
+            log.info("compute budget: training stops after %d steps", total)
         if not math.isfinite(total):
-            raise ValueError("trainer.max_steps: set it; the learning-rate schedule (and an endless stream) need a length")
-        return optim.build(self.model, self.optim_cfg, int(total))
+            raise ValueError("trainer.max_steps: set it (or a ComputeBudget callback); the learning-rate schedule "
+                             "and an endless stream need a length")
+        return optim.build(self, self.optim_cfg, int(total))  # every trainable parameter; a frozen teacher has none
 
     # -- checkpoints and export -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -184,10 +239,14 @@ class ContinuedPretraining(L.LightningModule):
             "config": self.model.config.to_dict(),
             "plan": self.plan.to_dict() if self.plan else None,
             "tokens_seen": self.tokens_seen,
+            "flops_seen": self.flops_seen,
+            "device_seconds": self.device_seconds,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen = checkpoint.get(CKPT_KEY, {}).get("tokens_seen", 0)
+        meta = checkpoint.get(CKPT_KEY, {})
+        self.tokens_seen, self.flops_seen = meta.get("tokens_seen", 0), meta.get("flops_seen", 0.0)
+        self.device_seconds = meta.get("device_seconds", 0.0)
 
     def on_fit_start(self) -> None:
         out = self.output_dir()
