@@ -61,3 +61,27 @@ def test_short_continued_pretraining_lowers_held_out_loss(tmp_path):
     after = cli_main(["fit", *common, "--trainer.max_steps=30", "--trainer.val_check_interval=30",
                       "--model.optim.warmup_steps=5"]).trainer.callback_metrics["val/loss"].item()
     assert after < before - 0.3, (before, after)
+
+
+def test_smollm2_teaches_its_own_chop(tmp_path):
+    """A few distillation steps of the 30 -> 15 chop from the unchopped model: losses finite and falling, teacher fixed."""
+    cfg = yaml.safe_load(open(ROOT / "configs/quickstart_distill.yaml"))
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = cli_main(["fit", "--config", str(path), "--trainer.enable_progress_bar=false", "--trainer.max_steps=16",
+                    "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=16", "--trainer.limit_val_batches=2",
+                    "--trainer.num_sanity_val_steps=0", "--data.seq_len=64", "--data.val_blocks=8",
+                    "--model.optim.warmup_steps=2", "--model.export_on_end=false"])
+    from test_training import scalars
+
+    tb = scalars(tmp_path / "quickstart_distill")
+    for key in ("train/loss", "train/lm", "train/logits", "train/hidden"):
+        values = tb[key]
+        assert len(values) == 16 and all(torch.isfinite(torch.tensor(values))), (key, values)
+        assert sum(values[-4:]) < sum(values[:4]), (key, values)  # falling: the last 4 steps below the first 4
+    teacher = cli.model.teacher
+    assert teacher.config.num_hidden_layers == 30 and cli.model.model.config.num_hidden_layers == 15
+    source = load_model(NAME)
+    for k, v in source.state_dict().items():
+        assert torch.equal(teacher.state_dict()[k], v), k

@@ -24,7 +24,8 @@ def test_config_parses(path, monkeypatch):
     assert done.value.code == 0
 
 
-def test_llama2_recipe_runs_with_local_sources(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["llama2_7b_layerchop_input", "llama2_7b_layerchop_input_distill"])
+def test_llama2_recipe_runs_with_local_sources(tmp_path, monkeypatch, recipe):
     """The paper recipe, shrunk to the CPU: the hub ids resolve to a tiny local Llama and local C4-like files."""
     model_dir = tmp_path / "llama"
     make_tokenizer(model_dir)
@@ -39,7 +40,7 @@ def test_llama2_recipe_runs_with_local_sources(tmp_path, monkeypatch):
         return real_load(path, name, split=split, **kw)
 
     monkeypatch.setattr(datasets, "load_dataset", local_c4)
-    cli = cli_main(["fit", "--config", str(ROOT / "recipes/just_chop/llama2_7b_layerchop_input.yaml"),
+    cli = cli_main(["fit", "--config", str(ROOT / f"recipes/just_chop/{recipe}.yaml"),
                     "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
                     "--trainer.precision=32-true", "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=1",
                     "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false",
@@ -48,5 +49,8 @@ def test_llama2_recipe_runs_with_local_sources(tmp_path, monkeypatch):
     model = cli.model.model
     assert model.config.num_hidden_layers == 16
     assert cli.model.plan.kept == [0, *range(17, 32)]
-    assert cli.trainer.global_step == 2
+    assert cli.trainer.global_step == 2  # the recipe's FLOP budget is far away for a tiny model: max_steps ends it
     assert "val/loss" in cli.trainer.callback_metrics
+    if recipe.endswith("distill"):
+        assert cli.model.teacher.config.num_hidden_layers == 32 and cli.model.layer_map == cli.model.plan.kept
+        assert {"train/logits", "train/hidden"} <= set(cli.trainer.callback_metrics)

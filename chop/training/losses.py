@@ -85,32 +85,38 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         n = targets.numel()
         totals = torch.zeros(2, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         grad_h = torch.empty_like(hidden) if grad else None
-        grad_p = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params] if grad else []
+        grad_p: list[Optional[torch.Tensor]] = [None] * len(params)
         for i in range(0, n, chunk):
             h = hidden[i:i + chunk].detach().requires_grad_(grad)
             with torch.no_grad():
                 t = teacher_head(teacher_hidden[i:i + chunk]) if teacher_hidden is not None else None
             with torch.set_grad_enabled(grad):
                 terms = loss.terms(student_head(h), t, targets[i:i + chunk])
-                total = loss.weighted(terms)
+                total = loss.weighted(terms) / n  # the mean's gradient directly: no pass over it to rescale
             if grad:
                 g = torch.autograd.grad(total, [h, *params], allow_unused=True)
                 grad_h[i:i + chunk] = g[0]
-                for acc, gp in zip(grad_p, g[1:]):
+                for k, gp in enumerate(g[1:]):
                     if gp is not None:
-                        acc += gp
+                        grad_p[k] = gp if grad_p[k] is None else grad_p[k].add_(gp)
             totals += terms.detach()
         totals /= n
         if grad:
-            ctx.grad_h, ctx.grad_p = grad_h, [(gp / n).to(p.dtype) for gp, p in zip(grad_p, params)]
-            ctx.n = n
+            ctx.grad_h = grad_h
+            ctx.grad_p = [torch.zeros_like(p) if gp is None else gp for gp, p in zip(grad_p, params)]
         ctx.mark_non_differentiable(totals)
         return loss.weighted(totals), totals
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_terms):  # type: ignore[override]
-        grad_h = ctx.grad_h * (grad_loss / ctx.n).to(ctx.grad_h.dtype)
-        return (grad_h, None, None, None, None, None, None, None, *[g * grad_loss.to(g.dtype) for g in ctx.grad_p])
+        grads = [g.mul_(grad_loss.to(g.dtype)) for g in (ctx.grad_h, *ctx.grad_p)]  # in place: each is used once
+        return (grads[0], None, None, None, None, None, None, None, *grads[1:])
+
+
+def chunk_for(vocab: int, budget_bytes: int = 2**29) -> int:
+    """Tokens per chunk such that a chunk's float32 logits take at most ``budget_bytes`` (512 MiB: 1,046 tokens for a
+    128k vocabulary, 4,194 for 32k): few enough chunks that the per-chunk gradient accumulation stays cheap."""
+    return max(256, budget_bytes // (4 * vocab))
 
 
 def head_losses(hidden: torch.Tensor, targets: torch.Tensor, student_head: Callable, loss: LogitLoss,

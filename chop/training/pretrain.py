@@ -23,7 +23,7 @@ from chop.pruning.layerchop import ChopPlan, LayerChop, chop
 from chop.training import optim
 from chop.training.callbacks import ComputeBudget
 from chop.training.flops import ModelSize
-from chop.training.losses import LogitLoss, head_losses, output_head
+from chop.training.losses import LogitLoss, chunk_for, head_losses, output_head
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class ContinuedPretraining(L.LightningModule):
         export_on_end: at the end of ``fit``, write the model and tokenizer as a Hugging Face directory
             ``hf/`` beside the checkpoints.
         logit_chunk: tokens per chunk in which logits and their losses are computed, so that the full
-            ``[tokens, vocab]`` float32 logits never exist at once (0: all at once).
+            ``[tokens, vocab]`` float32 logits never exist at once. Default: 1 GiB of float32 logits per chunk
+            (``losses.chunk_for``); 0: all at once.
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class ContinuedPretraining(L.LightningModule):
         compile: bool = False,
         gradient_checkpointing: bool = False,
         export_on_end: bool = True,
-        logit_chunk: int = 1024,
+        logit_chunk: Optional[int] = None,
     ) -> None:
         super().__init__()
         chop = LayerChop(**chop) if isinstance(chop, dict) else chop  # Python callers may pass plain dicts
@@ -69,7 +70,7 @@ class ContinuedPretraining(L.LightningModule):
             raise ValueError(f"model.dtype: '{dtype}' is not one of {list(DTYPES)}")
         if name is None and not (config and "model_type" in config):
             raise ValueError("model.name: give a hub id or directory, or model.config with a model_type for random init")
-        if logit_chunk < 0:
+        if logit_chunk is not None and logit_chunk < 0:
             raise ValueError(f"model.logit_chunk: {logit_chunk} must be >= 0 (0 computes all logits at once)")
         self.save_hyperparameters()
         # LightningCLI stores its config (plain dicts) as hparams: keep the typed arguments themselves too.
@@ -151,7 +152,8 @@ class ContinuedPretraining(L.LightningModule):
         """``head_losses`` through this model's LM head, in chunks of ``logit_chunk`` tokens."""
         head = self.model.get_output_embeddings()
         return head_losses(hidden, targets, self._head, loss, teacher_hidden, getattr(self, "_teacher_head", None),
-                           params=tuple(p for p in head.parameters() if p.requires_grad), chunk=self.logit_chunk)
+                           params=tuple(p for p in head.parameters() if p.requires_grad), chunk=self.logit_chunk
+                           if self.logit_chunk is not None else chunk_for(head.weight.shape[0]))
 
     def training_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses of one batch; ``loss`` is optimised, every entry is logged as ``train/<key>``."""
