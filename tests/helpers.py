@@ -31,3 +31,22 @@ class KillAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             os._exit(3)
+
+
+class RecordSharding(Callback):
+    """Writes, per rank, how much of the teacher and the student this rank holds once the strategy has set up."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        def local(module):
+            return sum(p.numel() for p in module.parameters())
+
+        with open(f"{self.path}.rank{trainer.global_rank}", "w") as f:
+            json.dump({"teacher_local": local(pl_module.teacher), "student_local": local(pl_module.model),
+                       "teacher_units": sum(isinstance(m, FullyShardedDataParallel) for m in pl_module.teacher.modules()),
+                       "teacher_dtypes": sorted({str(p.dtype) for p in pl_module.teacher.parameters()}),
+                       "teacher_training": any(m.training for m in pl_module.teacher.modules())}, f)

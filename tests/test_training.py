@@ -20,9 +20,11 @@ TINY_DISTILL = str(ROOT / "configs" / "tiny_cpu_distill.yaml")
 FIX = ROOT / "tests" / "fixtures"
 
 
-def args(tmp_path, *extra, callbacks=(), config=TINY):
-    """``fit`` on ``config`` (tiny_cpu.yaml) writing under ``tmp_path``, with extra callbacks (class_path, init_args)."""
+def args(tmp_path, *extra, callbacks=(), config=TINY, trainer=None):
+    """``fit`` on ``config`` (tiny_cpu.yaml) writing under ``tmp_path``, with extra callbacks (class_path, init_args)
+    and ``trainer`` settings."""
     cfg = yaml.safe_load(open(config))
+    cfg["trainer"].update(trainer or {})
     cfg["model"]["init_args"]["tokenizer"] = str(FIX / "tokenizer")
     cfg["data"]["init_args"].update(train_files=[str(FIX / "train.jsonl")], val_files=[str(FIX / "val.jsonl")])
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)

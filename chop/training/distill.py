@@ -163,6 +163,26 @@ class Distillation(ContinuedPretraining):
         self.__dict__["_teacher_body"] = torch.compile(body) if self.compile_forward else body
         self.__dict__["_teacher_head"] = output_head(self.teacher) if self.loss_cfg.logits else None
         self._hook_layers()
+        self._separate_fsdp_units()
+
+    def _separate_fsdp_units(self) -> None:
+        """FSDP flattens each unit's parameters into one tensor of one dtype, so the bf16 teacher's embeddings and
+        head must not share the root unit with the fp32 student's: each model becomes a unit of its own."""
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDPStrategy):
+            return
+        models = {type(self.model), type(self.teacher)}
+        policy = strategy.kwargs.get("auto_wrap_policy")
+        if policy is None:
+            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(models)
+        elif isinstance(policy, ModuleWrapPolicy):
+            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(policy._module_classes | models)
+        else:
+            raise ValueError("trainer.strategy.init_args.auto_wrap_policy: with a teacher, give it as a list of layer "
+                             "classes (chop adds the two models' classes so that each is an FSDP unit of its own)")
 
     def _hook_layers(self) -> None:
         """Forward hooks that keep the outputs the hidden-state and embedding losses compare."""
@@ -197,6 +217,10 @@ class Distillation(ContinuedPretraining):
         if self.teacher is not None:
             self.teacher.eval()  # no dropout in the teacher, ever
         return self
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.eval()  # a strategy's wrappers around the teacher (FSDP units) start in train mode
 
     # -- losses ---------------------------------------------------------------------------------------------------
     def training_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:

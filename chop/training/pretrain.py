@@ -216,9 +216,14 @@ class ContinuedPretraining(L.LightningModule):
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
                                     gradient_clip_algorithm: Optional[str] = None) -> None:
         # Lightning refuses to clip for a fused AdamW under any AMP plugin; only fp16 (a GradScaler) needs that.
+        # Under FSDP the norm must be taken over all shards: the root FSDP module's clip_grad_norm_ does that.
         if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None \
                 and gradient_clip_algorithm in (None, "norm"):
-            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            root = self.trainer.model
+            if hasattr(root, "clip_grad_norm_"):
+                root.clip_grad_norm_(gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -260,8 +265,12 @@ class ContinuedPretraining(L.LightningModule):
 
     def on_fit_end(self) -> None:
         out = self.output_dir()
-        if self.export_on_end and out is not None and self.trainer.is_global_zero:
-            export_hf(self.model, self.tokenizer_name, out / "hf")
+        if not self.export_on_end or out is None:
+            return
+        state = self.trainer.strategy.lightning_module_state_dict()  # on every rank: FSDP gathers the shards
+        if self.trainer.is_global_zero:
+            weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+            export_hf(self.model, self.tokenizer_name, out / "hf", weights)
 
     def output_dir(self) -> Optional[Path]:
         cb = self.trainer.checkpoint_callback
@@ -284,8 +293,11 @@ def read_checkpoint_meta(path: str) -> dict:
     return meta
 
 
-def export_hf(model: PreTrainedModel, tokenizer: Optional[str], out: Path) -> Path:
-    """Write ``model`` (and its tokenizer) as a Hugging Face directory, never over an existing non-empty one."""
+def export_hf(model: PreTrainedModel, tokenizer: Optional[str], out: Path, state_dict: Optional[dict] = None) -> Path:
+    """Write ``model`` (and its tokenizer) as a Hugging Face directory, never over an existing non-empty one.
+
+    ``state_dict``: the full weights when ``model``'s own are sharded (FSDP).
+    """
     from chop.models.loading import load_tokenizer
 
     out = Path(out)
@@ -295,7 +307,7 @@ def export_hf(model: PreTrainedModel, tokenizer: Optional[str], out: Path) -> Pa
     was_cache = config.use_cache
     config.use_cache = True
     try:
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
     finally:
         config.use_cache = was_cache
     if tokenizer:
