@@ -116,7 +116,7 @@ def loss_only_peak(module, args) -> int:
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = module.logit_losses(hidden, targets, loss, teacher if distill else None)
+        out = module.logit_losses(hidden, targets, loss, teacher if distill else None, getattr(module, "_teacher_head", None))
     out["loss"].backward()
     torch.cuda.synchronize()
     module.zero_grad(set_to_none=True)

@@ -234,7 +234,7 @@ class Distillation(ContinuedPretraining):
             self._capturing = False
         logit_loss = LogitLoss(lm=cfg.lm, distill=cfg.logits, divergence=cfg.divergence,
                                temperature=cfg.temperature, vocab=self.vocab)
-        out = self.logit_losses(hidden, targets, logit_loss, teacher_hidden if cfg.logits else None)
+        out = self.logit_losses(hidden, targets, logit_loss, teacher_hidden if cfg.logits else None, self._teacher_head)
         losses = {"lm": out["lm"]}
         total = out["loss"]
         if cfg.logits:

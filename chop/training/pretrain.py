@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -148,10 +149,11 @@ class ContinuedPretraining(L.LightningModule):
         return self._body(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def logit_losses(self, hidden: torch.Tensor, targets: torch.Tensor, loss: LogitLoss = LogitLoss(),
-                     teacher_hidden: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                     teacher_hidden: Optional[torch.Tensor] = None,
+                     teacher_head: Optional[Callable] = None) -> dict[str, torch.Tensor]:
         """``head_losses`` through this model's LM head, in chunks of ``logit_chunk`` tokens."""
         head = self.model.get_output_embeddings()
-        return head_losses(hidden, targets, self._head, loss, teacher_hidden, getattr(self, "_teacher_head", None),
+        return head_losses(hidden, targets, self._head, loss, teacher_hidden, teacher_head,
                            params=tuple(p for p in head.parameters() if p.requires_grad), chunk=self.logit_chunk
                            if self.logit_chunk is not None else chunk_for(head.weight.shape[0]))
 
