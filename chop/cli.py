@@ -1,4 +1,4 @@
-"""``python -m chop <fit|validate|test|export> ...``: LightningCLI for training, plus chop's own subcommands."""
+"""``python -m chop <fit|validate|test|export|eval> ...``: LightningCLI for training, plus chop's own subcommands."""
 
 from __future__ import annotations
 
@@ -79,10 +79,8 @@ def cli_main(args: Optional[list[str]] = None) -> ChopCLI:
     )
 
 
-def export(ckpt: str, out: str) -> Path:
-    """Write the model of a chop Lightning checkpoint, and its tokenizer, as a Hugging Face directory."""
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise FileExistsError(f"--out: '{out}' exists and is not empty; choose another directory")
+def model_from_checkpoint(ckpt: str) -> tuple[Any, Optional[str]]:
+    """The trained model of a chop Lightning checkpoint, and its tokenizer's name."""
     meta = read_checkpoint_meta(ckpt)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**meta["config"]))
     state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
@@ -91,7 +89,15 @@ def export(ckpt: str, out: str) -> Path:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"--ckpt: the weights in '{ckpt}' do not fit the model config it records: {err}") from err
-    return export_hf(model, meta["tokenizer"], Path(out))
+    return model, meta["tokenizer"]
+
+
+def export(ckpt: str, out: str) -> Path:
+    """Write the model of a chop Lightning checkpoint, and its tokenizer, as a Hugging Face directory."""
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise FileExistsError(f"--out: '{out}' exists and is not empty; choose another directory")
+    model, tokenizer = model_from_checkpoint(ckpt)
+    return export_hf(model, tokenizer, Path(out))
 
 
 def export_main(args: list[str]) -> None:
@@ -102,7 +108,13 @@ def export_main(args: list[str]) -> None:
     print(export(cfg.ckpt, cfg.out))
 
 
-SUBCOMMANDS = {"export": export_main}
+def eval_main(args: list[str]) -> None:
+    from chop.eval.run import main
+
+    main(args)
+
+
+SUBCOMMANDS = {"export": export_main, "eval": eval_main}
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -36,11 +36,14 @@ def requests_of(task: Task, doc: Doc) -> list[tuple[str, str]]:
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Union[str, list[str]],
              limit: Optional[int] = None, batch_size: Union[int, str] = "auto", data_dir: Optional[str] = None,
-             scorer: Optional[Scorer] = None) -> dict[str, TaskResult]:
-    """Scores of ``model`` on ``tasks`` (names, or the groups ``just_chop``/``suite``), first ``limit`` documents each."""
+             scorer: Optional[Scorer] = None, docs: Optional[dict[str, list[Doc]]] = None) -> dict[str, TaskResult]:
+    """Scores of ``model`` on ``tasks`` (names, or the groups ``just_chop``/``suite``), first ``limit`` documents each.
+
+    ``docs``: documents already loaded, by task name (the callback loads them once per run).
+    """
     scorer = scorer or Scorer(model, tokenizer, batch_size)
     chosen = get(tasks)
-    docs = {t.name: load_docs(t, data_dir, limit) for t in chosen}
+    docs = docs or {t.name: load_docs(t, data_dir, limit) for t in chosen}
     pairs, owner = [], []
     texts, text_owner = [], []
     for task in chosen:

@@ -1,0 +1,94 @@
+"""Zero-shot evaluation inside training: every k steps and/or whenever a checkpoint is saved, on the training devices."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from chop.eval.engine import Scorer
+from chop.eval.suite import average, evaluate, to_json
+from chop.eval.tasks import Doc, get, load_docs
+
+log = logging.getLogger(__name__)
+
+
+class ZeroShotEvalCallback(Callback):
+    """Runs ``tasks`` on the model being trained; logs ``eval/<task>/<metric>`` and ``eval/average`` to the loggers
+    and writes ``eval-step=<N>.json`` beside the checkpoints. Under DDP every rank scores a share of the requests.
+
+    Args:
+        tasks: task names or groups (``just_chop``, ``suite``), comma-separated.
+        every_n_steps: run every this many optimizer steps (None: only at checkpoints).
+        on_checkpoint: run whenever a checkpoint is saved.
+        limit: the first ``limit`` documents of each task, for quick estimates during training.
+        batch_size: sequences per batch for the longest requests, or ``auto``.
+        data_dir: a folder with ``<task>/`` files to read instead of the hub.
+    """
+
+    def __init__(self, tasks: str = "just_chop", every_n_steps: Optional[int] = None, on_checkpoint: bool = True,
+                 limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
+                 data_dir: Optional[str] = None) -> None:
+        get(tasks)  # unknown names fail when the config is read
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"ZeroShotEvalCallback.every_n_steps: {every_n_steps} must be >= 1 (or null)")
+        self.tasks, self.every_n_steps, self.on_checkpoint = tasks, every_n_steps, on_checkpoint
+        self.limit, self.batch_size, self.data_dir = limit, batch_size, data_dir
+        self.docs: Optional[dict[str, list[Doc]]] = None
+        self.last_step = -1
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError("ZeroShotEvalCallback: not supported under FSDP yet (it scores through the unsharded "
+                             "model); evaluate the exported checkpoint with `python -m chop eval`")
+        if self.docs is None:  # before the first step, so that missing data fails early
+            self.docs = {t.name: load_docs(t, self.data_dir, self.limit) for t in get(self.tasks)}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self.on_checkpoint:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: Any, pl_module: Any) -> Optional[dict]:
+        step = trainer.global_step
+        if step == self.last_step:  # a checkpoint at a step that was just evaluated
+            return None
+        self.last_step = step
+        from chop.models.loading import load_tokenizer
+
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context(), torch.inference_mode():
+                scorer = Scorer(pl_module.model, load_tokenizer(pl_module.tokenizer_name), self.batch_size)
+                results = evaluate(pl_module.model, scorer.tokenizer, self.tasks, scorer=scorer, docs=self.docs)
+        finally:
+            pl_module.train(was_training)
+        metrics = {f"eval/{name}/{m}": v for name, r in results.items() for m, v in r.metrics.items()}
+        avg = average(results)
+        if avg is not None:
+            metrics["eval/average"] = avg
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            self._write(trainer, {"step": step, "tasks": self.tasks, "limit": self.limit, **to_json(results)})
+        return metrics
+
+    def _write(self, trainer: Any, out: dict) -> None:
+        cb = trainer.checkpoint_callback
+        folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path, version = folder / f"eval-step={out['step']}.json", 0
+        while path.exists():  # never over an earlier result (a resumed run repeats its step)
+            version += 1
+            path = folder / f"eval-step={out['step']}-v{version}.json"
+        path.write_text(json.dumps(out, indent=2))

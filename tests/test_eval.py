@@ -1,0 +1,208 @@
+"""The zero-shot engine on tiny random models and real rows of every task (tests/fixtures/eval/<task>/docs.jsonl)."""
+
+import json
+import math
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+from torch import nn
+from transformers import LlamaConfig
+
+from chop.cli import main
+from chop.eval.engine import Scorer, rolling_windows
+from chop.eval.suite import evaluate, requests_of
+from chop.eval.tasks import TASKS, get, load_docs
+from chop.models.loading import load_model, load_tokenizer
+
+FIX = Path(__file__).parent / "fixtures" / "eval"
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its tokenizer: real BPE on real text (the offline copy)
+MC = [t for t in TASKS.values() if t.kind == "multiple_choice"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(SMOL)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return load_model(config=dict(TINY["llama"], vocab_size=len(tokenizer), max_position_embeddings=512),
+                      attn_implementation="eager").eval()
+
+
+def all_requests():
+    out = []
+    for task in TASKS.values():
+        if task.kind == "perplexity":
+            continue
+        for doc in load_docs(task, str(FIX)):
+            out += requests_of(task, doc)
+    return out
+
+
+def reference(model, scorer, context, continuation):
+    """One request alone, through the model's own forward and full logits."""
+    ctx, cont = scorer.encode_pair(context, continuation)
+    full = (ctx + cont)[-(scorer.max_len + 1):]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([full[:-1]])).logits[0].float(), -1)
+    pos = torch.arange(len(full) - 1 - len(cont), len(full) - 1)
+    target = torch.tensor(cont)
+    return logp[pos, target].sum().item(), bool((logp[pos].argmax(-1) == target).all())
+
+
+def test_batched_scores_equal_one_request_at_a_time(model, tokenizer):
+    requests = all_requests()
+    assert len(requests) > 150
+    scorer = Scorer(model, tokenizer, batch_size=7)
+    batched = scorer.loglikelihood(requests)
+    for (c, x), (ll, greedy) in zip(requests, batched):
+        ref_ll, ref_greedy = reference(model, scorer, c, x)
+        assert ll == pytest.approx(ref_ll, abs=1e-4), (c[-40:], x)
+        assert greedy == ref_greedy
+
+
+def test_scores_do_not_depend_on_batch_size_or_order(model, tokenizer):
+    requests = all_requests()
+    base = Scorer(model, tokenizer, batch_size=1).loglikelihood(requests)
+    for size in (3, 64, "auto"):
+        other = Scorer(model, tokenizer, batch_size=size).loglikelihood(requests)
+        assert [g for _, g in other] == [g for _, g in base]
+        assert max(abs(a[0] - b[0]) for a, b in zip(other, base)) < 1e-4
+    perm = list(range(len(requests)))
+    random.Random(0).shuffle(perm)
+    shuffled = Scorer(model, tokenizer, batch_size=5).loglikelihood([requests[i] for i in perm])
+    for k, i in enumerate(perm):
+        assert shuffled[k][0] == pytest.approx(base[i][0], abs=1e-4)
+
+
+def test_tokenisation_moves_trailing_spaces_and_splits_like_lm_eval(model, tokenizer):
+    scorer = Scorer(model, tokenizer)
+    ctx, cont = scorer.encode_pair("Question: is it?\nAnswer: ", "yes")
+    assert tokenizer.decode(ctx) == "Question: is it?\nAnswer:" and tokenizer.decode(cont) == " yes"
+    ctx, cont = scorer.encode_pair("", " hello")
+    assert ctx == [scorer.prefix_id] and tokenizer.decode(cont) == " hello"
+    whole = tokenizer.encode("The cat sat on the mat")
+    ctx, cont = scorer.encode_pair("The cat sat", " on the mat")
+    assert ctx + cont == whole
+
+
+class Rigged(nn.Module):
+    """A 'language model' that puts all its probability on the next token of some gold (context + continuation)."""
+
+    def __init__(self, golds, vocab):
+        super().__init__()
+        self.next = {tuple(g[:i]): g[i] for g in golds for i in range(1, len(g))}
+        self.vocab = vocab
+        self.config = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096)
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.base_model = self._body
+
+    def _body(self, input_ids, use_cache=False):
+        out = torch.full((*input_ids.shape, self.vocab), -20.0)
+        for b, row in enumerate(input_ids.tolist()):
+            for t in range(len(row)):
+                nxt = self.next.get(tuple(row[:t + 1]))
+                if nxt is not None:
+                    out[b, t, nxt] = 20.0
+        return SimpleNamespace(last_hidden_state=out)
+
+    def get_output_embeddings(self):
+        return nn.Identity()
+
+
+def test_a_model_rigged_to_prefer_the_gold_scores_100_percent(tokenizer):
+    probe = Scorer(load_model(config=dict(TINY["llama"], vocab_size=len(tokenizer))), tokenizer)
+    golds = []
+    for task in MC:
+        for doc in load_docs(task, str(FIX)):
+            choices = task.choices(doc)
+            gold = task.text(doc) if task.multiple_input else task.target(doc)
+            c, x = requests_of(task, doc)[choices.index(gold) if isinstance(gold, str) else int(gold)]
+            golds.append(sum(probe.encode_pair(c, x), []))
+    rigged = Rigged(golds, len(tokenizer))
+    results = evaluate(rigged, tokenizer, [t.name for t in MC], data_dir=str(FIX), batch_size=4)
+    for name, r in results.items():
+        assert r.n >= 6
+        for metric, value in r.metrics.items():
+            assert value == 1.0, (name, metric)
+
+
+def test_rolling_windows_predict_every_token_once_with_the_most_context():
+    tokens = list(range(100, 123))
+    windows = list(rolling_windows(tokens, prefix=1, max_len=8))
+    assert [t for _, cont in windows for t in cont] == tokens
+    assert windows[0] == ([1], tokens[:8])
+    for ctx, cont in windows[1:]:
+        assert len(ctx + cont) == 9 or ctx + cont == [1] + tokens[:len(ctx + cont) - 1]  # a full window of context
+        assert ctx + cont == tokens[tokens.index(ctx[0]):tokens.index(cont[-1]) + 1]
+
+
+def test_rolling_loglikelihood_equals_the_sum_over_tokens(model, tokenizer):
+    scorer = Scorer(model, tokenizer, batch_size=4, max_len=16)
+    text = load_docs(TASKS["wikitext"], str(FIX))[0]["page"][:400]
+    ids = scorer.encode(text)
+    assert len(ids) > 40  # several windows
+    (total,) = scorer.loglikelihood_rolling([text])
+    # Brute force: each token scored with the max_len tokens before it (the prefix token before the first).
+    seq = [scorer.prefix_id] + ids
+    expected = 0.0
+    windows = list(rolling_windows(ids, scorer.prefix_id, 16))
+    for ctx, cont in windows:
+        full = (ctx + cont)[-17:]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([full[:-1]])).logits[0].float(), -1)
+        expected += sum(logp[len(full) - 1 - len(cont) + k, t].item() for k, t in enumerate(cont))
+    assert total == pytest.approx(expected, abs=1e-3)
+    assert len(seq) - 1 == sum(len(c) for _, c in windows)
+
+
+def test_perplexity_task_reports_word_and_byte_perplexity(model, tokenizer):
+    r = evaluate(model, tokenizer, "wikitext", data_dir=str(FIX), batch_size=4)["wikitext"]
+    docs = load_docs(TASKS["wikitext"], str(FIX))
+    n_bytes = sum(len(d["page"].encode()) for d in docs)
+    ll = sum(s["ll"] for s in r.samples)
+    assert r.metrics["byte_perplexity"] == pytest.approx(math.exp(-ll / n_bytes))
+    assert r.metrics["bits_per_byte"] == pytest.approx(-ll / n_bytes / math.log(2))
+    assert r.metrics["word_perplexity"] > r.metrics["byte_perplexity"] > 1
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown task 'piqaa'; known: piqa, hellaswag, .*mmlu, wikitext"):
+        get("piqa,piqaa")
+
+
+def test_files_that_lack_a_field_are_named(tmp_path):
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "docs.jsonl").write_text(json.dumps({"question": "q", "sol1": "a", "sol2": "b", "label": 0}))
+    with pytest.raises(ValueError, match="task 'piqa': documents from .* lack the field 'goal'"):
+        load_docs(TASKS["piqa"], str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="task 'copa': no folder"):
+        load_docs(TASKS["copa"], str(tmp_path))
+
+
+def test_unreachable_data_names_the_task_the_dataset_and_the_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="task 'wikitext': cannot load dataset 'EleutherAI/wikitext_document_level'"
+                                           ".*--data_dir DIR with DIR/wikitext/\\*.jsonl"):
+        load_docs(TASKS["wikitext"])
+
+
+def test_chop_eval_prints_a_table_and_writes_json(tmp_path, capsys, model, tokenizer):
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "r.json"
+    main(["eval", "--model", str(tmp_path / "m"), "--tasks", "piqa,copa,lambada_openai", "--data_dir", str(FIX),
+          "--output", str(out), "--batch_size", "8"])
+    printed = capsys.readouterr().out
+    assert "|piqa|6|acc|" in printed and "|lambada_openai|6|perplexity|" in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["results"]) == {"piqa", "copa", "lambada_openai"} and 0 <= saved["results"]["piqa"]["acc"] <= 1
+    with pytest.raises(FileExistsError, match="--output: .* exists"):
+        main(["eval", "--model", str(tmp_path / "m"), "--tasks", "piqa", "--data_dir", str(FIX), "--output", str(out)])
