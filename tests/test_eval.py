@@ -206,3 +206,27 @@ def test_chop_eval_prints_a_table_and_writes_json(tmp_path, capsys, model, token
     assert set(saved["results"]) == {"piqa", "copa", "lambada_openai"} and 0 <= saved["results"]["piqa"]["acc"] <= 1
     with pytest.raises(FileExistsError, match="--output: .* exists"):
         main(["eval", "--model", str(tmp_path / "m"), "--tasks", "piqa", "--data_dir", str(FIX), "--output", str(out)])
+
+
+def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
+    from test_training import args, scalars
+
+    from chop.cli import cli_main
+
+    cb = ("chop.eval.ZeroShotEvalCallback", {"tasks": "piqa,copa,lambada_openai", "every_n_steps": 2,
+                                             "data_dir": str(FIX), "batch_size": 8})
+    cli_main(args(tmp_path, "--trainer.max_steps=4", callbacks=[cb]))
+    tb = scalars(tmp_path / "tiny_cpu")
+    assert len(tb["eval/piqa/acc"]) == 2 and len(tb["eval/lambada_openai/perplexity"]) == 2  # steps 2 and 4
+    assert all(0 <= a <= 1 for a in tb["eval/average"])
+    run = tmp_path / "tiny_cpu" / "checkpoints"
+    saved = json.loads((run / "eval-step=4.json").read_text())
+    assert saved["step"] == 4 and saved["results"]["copa"]["n"] == 6
+    assert (run / "eval-step=2.json").exists() and not (run / "eval-step=4-v1.json").exists()  # once per step
+
+
+def test_callback_refuses_an_unknown_task_when_the_config_is_read():
+    from chop.eval import ZeroShotEvalCallback
+
+    with pytest.raises(ValueError, match="unknown task 'pika'"):
+        ZeroShotEvalCallback(tasks="pika")

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +22,7 @@ from chop.training.losses import output_head
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for models that state no context length
+HEAD_CHUNK = 4096  # continuation positions whose logits are formed at once
 
 
 def max_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -74,9 +76,33 @@ class Scorer:
         return ctx, whole[len(ctx):]
 
     # -- scoring ----------------------------------------------------------------------------------------------
+    def encode_pairs(self, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """``encode_pair`` of many requests: each distinct text encoded once, in batches (the tokenizer's threads)."""
+        split = []
+        for context, continuation in requests:
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces:
+                context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+            split.append((context, continuation))
+        texts = sorted({t for c, x in split if c for t in (c, c + x)})
+        ids = dict(zip(texts, self._encode_many(texts)))
+        out = []
+        for context, continuation in split:
+            if not context:
+                out.append(([self.prefix_id], self.encode(continuation)))
+            else:
+                ctx = ids[context]
+                out.append((ctx, ids[context + continuation][len(ctx):]))
+        return out
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        plain = [t for t in texts if not t.startswith(self._prefix_text)]
+        encoded = dict(zip(plain, self.tokenizer(plain)["input_ids"])) if plain else {}
+        return [encoded[t] if t in encoded else self.encode(t) for t in texts]
+
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """(summed log-probability of the continuation, whether greedy decoding would produce it) per request."""
-        return self.score_tokens([self.encode_pair(c, x) for c, x in requests])
+        return self.score_tokens(self.encode_pairs(requests))
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         """Log-likelihood of whole texts in disjoint windows of the context length, each token predicted once with
@@ -137,23 +163,28 @@ class Scorer:
     def _score_batch(self, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]) -> dict[int, tuple[float, bool]]:
         device = self.device
         width = max(len(inp) for inp, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        ids = np.zeros((len(batch), width), dtype=np.int64)
         rows, cols, targets, owner, requests = [], [], [], [], []
         for b, (inp, conts) in enumerate(batch):
-            ids[b, :len(inp)] = torch.tensor(inp)
+            ids[b, :len(inp)] = inp
             for i, cont in conts:
                 n = len(cont)
-                rows.append(torch.full((n,), b))
-                cols.append(torch.arange(len(inp) - n, len(inp)))
-                targets.append(torch.tensor(cont, dtype=torch.long))
-                owner.append(torch.full((n,), len(requests)))
+                rows += [b] * n
+                cols += range(len(inp) - n, len(inp))
+                targets += cont
+                owner += [len(requests)] * n
                 requests.append(i)
-        rows_t, cols_t = torch.cat(rows).to(device), torch.cat(cols).to(device)
-        target, owner_t = torch.cat(targets).to(device), torch.cat(owner).to(device)
+        rows_t, cols_t, target, owner_t = (torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
+                                           for x in (rows, cols, targets, owner))
+        ids = torch.from_numpy(ids)
         hidden = self.model.base_model(input_ids=ids.to(device), use_cache=False).last_hidden_state
-        logits = self.head(hidden[rows_t, cols_t]).float()
-        logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
-        misses = (logits.argmax(-1) != target).float()
+        picked = hidden[rows_t, cols_t]
+        logp, misses = torch.empty(len(target), device=device), torch.empty(len(target), device=device)
+        for i in range(0, len(target), HEAD_CHUNK):  # bounded memory: float32 logits of HEAD_CHUNK positions at a time
+            logits = self.head(picked[i:i + HEAD_CHUNK]).float()
+            t = target[i:i + HEAD_CHUNK]
+            logp[i:i + HEAD_CHUNK] = F.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1)
+            misses[i:i + HEAD_CHUNK] = (logits.argmax(-1) != t).float()
         n = len(requests)
         ll = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, logp.double()).tolist()
         miss = torch.zeros(n, device=device).index_add_(0, owner_t, misses).tolist()

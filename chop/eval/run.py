@@ -32,7 +32,19 @@ def load(model: str, dtype: str, device: str) -> tuple:
 def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
         output: Optional[str] = None, data_dir: Optional[str] = None, dtype: Optional[str] = None,
         device: Optional[str] = None, samples: bool = False) -> dict:
-    """Evaluate ``model`` on ``tasks``, print lm-eval's table, write JSON to ``output`` (never over a file)."""
+    """Evaluate ``model`` on ``tasks``, print lm-eval's table, write JSON to ``output`` (never over a file).
+
+    Args:
+        model: a Hugging Face directory, a hub id, or a chop Lightning checkpoint (.ckpt).
+        tasks: comma-separated task names, or the groups just_chop and suite.
+        limit: the first N documents of each task (MMLU: of each subject).
+        batch_size: sequences per batch for the longest requests, or auto.
+        output: a JSON file for the results (must not exist).
+        data_dir: read each task from DIR/<task>/ (jsonl/json/parquet files or a save_to_disk folder).
+        dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU).
+        device: cuda or cpu (default: cuda when there is one).
+        samples: also write each document's log-likelihoods to the JSON.
+    """
     from chop.eval.tasks import get
 
     get(tasks)  # an unknown task fails here, before any model loads
