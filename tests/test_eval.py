@@ -230,3 +230,15 @@ def test_callback_refuses_an_unknown_task_when_the_config_is_read():
 
     with pytest.raises(ValueError, match="unknown task 'pika'"):
         ZeroShotEvalCallback(tasks="pika")
+
+
+def test_wikitext_detokenizer_matches_lm_eval():
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    from chop.eval.tasks import wikitext_detokenize
+
+    pages = [" = = Early life = = \n He was born in 1 @,@ 000 B.C. ( in Rome ) , and \" quoted \" the N @-@ year "
+             "@.@ 5 ° C . It 's the players ' ball ; [ 1 ] { x } ! ? : done . \n = = = A = = = \n",
+             *[d["page"] for d in load_docs(TASKS["wikitext"], str(FIX))]]
+    for page in pages:
+        assert wikitext_detokenize(page) == wikitext_detokenizer({"page": page})

@@ -92,8 +92,8 @@ def _metrics(task: Task, docs: list[Doc], scores: list[list[tuple[float, bool]]]
         metrics = {"perplexity": math.exp(-float(np.mean(lls))), "acc": float(np.mean(greedy))}
         return TaskResult(task.name, len(docs), metrics, {"acc": _stderr(greedy)}, samples)
     lls = [s[0][0] for s in scores]
-    words = sum(len(re.split(r"\s+", task.text(d))) for d in docs)
-    n_bytes = sum(len(task.text(d).encode("utf-8")) for d in docs)
+    words = sum(len(re.split(r"\s+", task.target(d))) for d in docs)  # counted in the raw text, as lm-eval
+    n_bytes = sum(len(task.target(d).encode("utf-8")) for d in docs)
     total = sum(lls)
     metrics = {"word_perplexity": math.exp(-total / words), "byte_perplexity": math.exp(-total / n_bytes),
                "bits_per_byte": -total / n_bytes / math.log(2)}

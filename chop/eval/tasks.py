@@ -25,7 +25,7 @@ class Task:
 
     ``kind``: ``multiple_choice`` (log-likelihood of each choice given the context; acc, acc_norm),
     ``loglikelihood`` (one continuation: greedy-match accuracy and perplexity, LAMBADA), or ``perplexity``
-    (rolling log-likelihood of whole documents: word and byte perplexity, WikiText).
+    (rolling log-likelihood of ``text``; words and bytes counted in ``target``: WikiText).
     ``multiple_input``: the choices are contexts and the target the shared continuation (WinoGrande).
     """
 
@@ -61,6 +61,26 @@ def _hellaswag(doc: Doc) -> Doc:
 
 def _copa_choice(choice: str) -> str:
     return choice[0].lower() + choice[1:]
+
+
+_WIKITEXT_PLAIN = [("s '", "s'"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "),
+                   (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", ")]
+_WIKITEXT_BRACKETS = [(r"\(\s*([^\)]*?)\s*\)", r"(\1)"), (r"\[\s*([^\]]*?)\s*\]", r"[\1]"),
+                      (r"{\s*([^}]*?)\s*}", r"{\1}"), (r"\"\s*([^\"]*?)\s*\"", r'"\1"'), (r"'\s*([^']*?)\s*'", r"'\1'")]
+_WIKITEXT_AFTER = [("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"), (" \n", "\n"),
+                   ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")]
+
+
+def wikitext_detokenize(page: str) -> str:
+    """WikiText's tokenised text made plain again, by lm-eval's rules (it scores this text, counts words in the raw)."""
+    for old, new in _WIKITEXT_PLAIN:
+        page = page.replace(old, new)
+    page = re.sub(r"/' [0-9]/", r"/'[0-9]/", page)
+    for pattern, repl in _WIKITEXT_BRACKETS:
+        page = re.sub(pattern, repl, page)
+    for old, new in _WIKITEXT_AFTER:
+        page = page.replace(old, new)
+    return page
 
 
 def _boolq(doc: Doc) -> Doc:
@@ -134,7 +154,8 @@ _TASKS = [
          offline="hails/mmlu_no_train/{subset}/test", subsets=MMLU_SUBJECTS),
     # Perplexity on held-out text.
     Task("wikitext", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test", ("page",),
-         text=lambda d: d["page"], kind="perplexity", metrics=("word_perplexity", "byte_perplexity", "bits_per_byte")),
+         text=lambda d: wikitext_detokenize(d["page"]), target=lambda d: d["page"], kind="perplexity",
+         metrics=("word_perplexity", "byte_perplexity", "bits_per_byte")),
 ]
 TASKS: dict[str, Task] = {t.name: t for t in _TASKS}
 JUST_CHOP = ("piqa", "hellaswag", "openbookqa", "winogrande", "sciq", "arc_easy")
