@@ -242,3 +242,21 @@ def test_wikitext_detokenizer_matches_lm_eval():
              *[d["page"] for d in load_docs(TASKS["wikitext"], str(FIX))]]
     for page in pages:
         assert wikitext_detokenize(page) == wikitext_detokenizer({"page": page})
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_and_the_scores_stay(model, tokenizer, monkeypatch):
+    requests = all_requests()[:60]
+    base = Scorer(model, tokenizer, batch_size=64).loglikelihood(requests)
+    real, sizes = Scorer._score_batch, []
+
+    def small_gpu(self, batch):
+        tokens = sum(len(inp) for inp, _ in batch)
+        if tokens > 300:
+            raise torch.cuda.OutOfMemoryError("pretend")
+        sizes.append(tokens)
+        return real(self, batch)
+
+    monkeypatch.setattr(Scorer, "_score_batch", small_gpu)
+    halved = Scorer(model, tokenizer, batch_size=64).loglikelihood(requests)
+    assert max(sizes) <= 300 and len(sizes) > 3
+    assert max(abs(a[0] - b[0]) for a, b in zip(halved, base)) < 1e-4

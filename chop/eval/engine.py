@@ -39,7 +39,7 @@ class Scorer:
     """Scores requests against ``model`` the way lm-eval's ``--model hf`` does, faster.
 
     ``batch_size``: sequences per batch for the longest requests (shorter ones are packed to the same number of
-    tokens), or ``auto``: the largest that fits, found on the longest batch (CPU: 32).
+    tokens), or ``auto`` (``_token_budget``; CPU: 32).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -97,7 +97,12 @@ class Scorer:
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         plain = [t for t in texts if not t.startswith(self._prefix_text)]
-        encoded = dict(zip(plain, self.tokenizer(plain)["input_ids"])) if plain else {}
+        rust = getattr(self.tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its Rust core, in threads
+        if rust is not None:
+            ids = [e.ids for e in rust.encode_batch(plain, add_special_tokens=True)]
+        else:
+            ids = self.tokenizer(plain)["input_ids"] if plain else []
+        encoded = dict(zip(plain, ids))
         return [encoded[t] if t in encoded else self.encode(t) for t in texts]
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -127,37 +132,38 @@ class Scorer:
         rank, world = _dist()
         order = sorted(rows, key=lambda inp: (-len(inp), inp))  # longest first, as lm-eval
         scores: dict[int, tuple[float, bool]] = {}
-        for batch in self._batches([(inp, rows[inp]) for inp in order[rank::world]]):
-            scores.update(self._score_batch(batch))
+        mine = [(inp, rows[inp]) for inp in order[rank::world]]
+        start, budget = 0, self._token_budget(mine)
+        while start < len(mine):
+            n = max(1, min(len(mine) - start, budget // max(1, len(mine[start][0]))))
+            try:
+                scores.update(self._score_batch(mine[start:start + n]))
+            except torch.cuda.OutOfMemoryError:
+                if n == 1:
+                    raise
+                budget = max(1, budget // 2)  # too generous a guess: halve it and try this batch again
+                torch.cuda.empty_cache()
+                continue
+            start += n
         if world > 1:
             gathered: list = [None] * world
             torch.distributed.all_gather_object(gathered, scores)
             scores = {k: v for part in gathered for k, v in part.items()}
         return [scores[i] for i in range(len(pairs))]
 
-    def _batches(self, rows: list) -> Iterator[list]:
-        if not rows:
-            return
-        size = self._auto_batch(rows[0][0]) if self.batch_size == "auto" else self.batch_size
-        budget = size * len(rows[0][0])  # tokens of the longest batch; shorter inputs fill the same budget
-        start = 0
-        while start < len(rows):
-            n = max(1, min(len(rows) - start, budget // max(1, len(rows[start][0]))))
-            yield rows[start:start + n]
-            start += n
-
-    def _auto_batch(self, longest: tuple[int, ...]) -> int:
+    def _token_budget(self, rows: list) -> int:
+        """Tokens per batch: ``batch_size`` rows of the longest input; ``auto`` on GPU: what half the free memory
+        holds of one layer's activations in bf16 (inference keeps one layer's at a time), halved on OOM."""
+        longest = len(rows[0][0]) if rows else 1
+        if self.batch_size != "auto":
+            return self.batch_size * longest
         if self.device.type != "cuda":
-            return 32
-        size = 1024
-        while size > 1:
-            try:
-                self._score_batch([(longest, [(0, [longest[-1]])])] * size)
-                return size
-            except torch.cuda.OutOfMemoryError:
-                size //= 2
-                torch.cuda.empty_cache()
-        return 1
+            return 32 * longest
+        config = self.model.config.get_text_config()
+        inter = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+        per_token = 2 * (3 * inter + 8 * config.hidden_size)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(longest, int(0.5 * free / per_token))
 
     @torch.inference_mode()
     def _score_batch(self, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]) -> dict[int, tuple[float, bool]]:
