@@ -66,18 +66,10 @@ class Scorer:
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Context and continuation tokens: the context's trailing spaces move to the continuation, the pair is
         encoded whole and split where the context's own encoding ends; an empty context is the prefix token."""
-        if not context:
-            return [self.prefix_id], self.encode(continuation)
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        whole = self.encode(context + continuation)
-        ctx = self.encode(context)
-        return ctx, whole[len(ctx):]
+        return self.encode_pairs([(context, continuation)])[0]
 
-    # -- scoring ----------------------------------------------------------------------------------------------
     def encode_pairs(self, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-        """``encode_pair`` of many requests: each distinct text encoded once, in batches (the tokenizer's threads)."""
+        """``encode_pair`` of many requests; each distinct text is encoded once, in batches (the tokenizer's threads)."""
         split = []
         for context, continuation in requests:
             n_spaces = len(context) - len(context.rstrip())

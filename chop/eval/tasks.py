@@ -179,8 +179,6 @@ def get(names: str | list[str]) -> list[Task]:
 def load_docs(task: Task, data_dir: Optional[str] = None, limit: Optional[int] = None) -> list[Doc]:
     """The task's documents (processed, first ``limit``): from ``data_dir/<task>/`` when given, else the hub, else
     chop's offline copy. Every document must have the task's fields."""
-    import datasets
-
     if data_dir is not None:
         ds, source = _from_dir(task, Path(data_dir) / task.name), f"{data_dir}/{task.name}"
     else:
@@ -200,7 +198,7 @@ def load_docs(task: Task, data_dir: Optional[str] = None, limit: Optional[int] =
                 continue
             per_subset[key] = per_subset.get(key, 0) + 1
         docs.append(task.process(row) if task.process else dict(row))
-    if isinstance(ds, datasets.Dataset) and not docs:
+    if not docs:
         raise ValueError(f"task '{task.name}': no documents in {source}")
     return docs
 
