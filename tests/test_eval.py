@@ -39,7 +39,7 @@ def model(tokenizer):
 def all_requests():
     out = []
     for task in TASKS.values():
-        if task.kind == "perplexity":
+        if task.kind in ("perplexity", "blocks"):
             continue
         for doc in load_docs(task, str(FIX)):
             out += requests_of(task, doc)
@@ -174,7 +174,7 @@ def test_perplexity_task_reports_word_and_byte_perplexity(model, tokenizer):
 
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown task 'piqaa'; known: piqa, hellaswag, .*mmlu, wikitext"):
+    with pytest.raises(ValueError, match="unknown task 'piqaa'; known: piqa, hellaswag, .*mmlu, c4, wikitext"):
         get("piqa,piqaa")
 
 
@@ -260,3 +260,19 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_the_scores_stay(model, to
     halved = Scorer(model, tokenizer, batch_size=64).loglikelihood(requests)
     assert max(sizes) <= 300 and len(sizes) > 3
     assert max(abs(a[0] - b[0]) for a, b in zip(halved, base)) < 1e-4
+
+
+def test_c4_perplexity_is_token_perplexity_over_packed_blocks(model, tokenizer):
+    from chop.data.streaming import pack_blocks
+    from chop.eval.tasks import stream_texts
+
+    scorer = Scorer(model, tokenizer, batch_size=2, max_len=64)
+    r = evaluate(model, tokenizer, "c4", data_dir=str(FIX), limit=5, scorer=scorer)["c4"]
+    blocks = pack_blocks(stream_texts(TASKS["c4"], str(FIX)), tokenizer, 65, 5)
+    assert r.n == 5 and len(blocks) == 5 and all(len(b) == 65 for b in blocks)
+    total = 0.0
+    with torch.no_grad():
+        for b in blocks:
+            logp = F.log_softmax(model(b[None, :-1]).logits[0].float(), -1)
+            total += logp.gather(1, b[1:, None]).sum().item()
+    assert r.metrics["perplexity"] == pytest.approx(math.exp(-total / (5 * 64)), rel=1e-5)

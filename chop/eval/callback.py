@@ -48,7 +48,7 @@ class ZeroShotEvalCallback(Callback):
             raise ValueError("ZeroShotEvalCallback: not supported under FSDP yet (it scores through the unsharded "
                              "model); evaluate the exported checkpoint with `python -m chop eval`")
         if self.docs is None:  # before the first step, so that missing data fails early
-            self.docs = {t.name: load_docs(t, self.data_dir, self.limit) for t in get(self.tasks)}
+            self.docs = {t.name: load_docs(t, self.data_dir, self.limit) for t in get(self.tasks) if t.kind != "blocks"}
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

@@ -12,7 +12,7 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chop.eval.engine import Scorer
-from chop.eval.tasks import Doc, Task, get, load_docs
+from chop.eval.tasks import BLOCK_LEN, N_BLOCKS, Doc, Task, get, load_docs, stream_texts
 
 
 @dataclass
@@ -43,12 +43,19 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
     """
     scorer = scorer or Scorer(model, tokenizer, batch_size)
     chosen = get(tasks)
-    docs = docs or {t.name: load_docs(t, data_dir, limit) for t in chosen}
+    docs = dict(docs or {})
+    for t in chosen:
+        if t.name not in docs:
+            docs[t.name] = block_docs(t, scorer, data_dir, limit) if t.kind == "blocks" else load_docs(t, data_dir, limit)
     pairs, owner = [], []
     texts, text_owner = [], []
+    blocks, block_owner = [], []
     for task in chosen:
         for i, doc in enumerate(docs[task.name]):
-            if task.kind == "perplexity":
+            if task.kind == "blocks":
+                blocks.append((doc["tokens"][:1], doc["tokens"][1:]))
+                block_owner.append((task.name, i))
+            elif task.kind == "perplexity":
                 texts.append(task.text(doc))
                 text_owner.append((task.name, i))
             else:
@@ -62,7 +69,21 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
         per_doc.setdefault(key, []).append(s)
     for key, ll in zip(text_owner, rolled):
         per_doc[key] = [(ll, False)]
+    for key, s in zip(block_owner, scorer.score_tokens(blocks) if blocks else []):
+        per_doc[key] = [s]
     return {t.name: _metrics(t, docs[t.name], [per_doc[(t.name, i)] for i in range(len(docs[t.name]))]) for t in chosen}
+
+
+def block_docs(task: Task, scorer: Scorer, data_dir: Optional[str] = None, limit: Optional[int] = None) -> list[Doc]:
+    """The first ``limit`` (default 256) blocks of ``BLOCK_LEN`` tokens (at most the model's context) of the task's
+    texts, packed with EOS between documents as chop's training validation packs them."""
+    from chop.data.streaming import pack_blocks
+
+    length = min(BLOCK_LEN, scorer.max_len)
+    blocks = pack_blocks(stream_texts(task, data_dir), scorer.tokenizer, length + 1, limit or N_BLOCKS)
+    if not blocks:
+        raise ValueError(f"task '{task.name}': its texts hold no full block of {length + 1} tokens")
+    return [{"tokens": b.tolist()} for b in blocks]
 
 
 def _stderr(values: list[float]) -> float:
@@ -85,6 +106,11 @@ def _metrics(task: Task, docs: list[Doc], scores: list[list[tuple[float, bool]]]
         values = {"acc": acc, "acc_norm": acc_norm}
         metrics = {m: float(np.mean(values[m])) for m in task.metrics}
         return TaskResult(task.name, len(docs), metrics, {m: _stderr(values[m]) for m in task.metrics}, samples)
+    if task.kind == "blocks":
+        lls = [s[0][0] for s in scores]
+        n_tokens = sum(len(d["tokens"]) - 1 for d in docs)
+        return TaskResult(task.name, len(docs), {"perplexity": math.exp(-sum(lls) / n_tokens)}, {},
+                          [{"ll": ll} for ll in lls])
     if task.kind == "loglikelihood":
         lls = [s[0][0] for s in scores]
         greedy = [float(s[0][1]) for s in scores]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,8 +24,9 @@ class Task:
     """One zero-shot task.
 
     ``kind``: ``multiple_choice`` (log-likelihood of each choice given the context; acc, acc_norm),
-    ``loglikelihood`` (one continuation: greedy-match accuracy and perplexity, LAMBADA), or ``perplexity``
-    (rolling log-likelihood of ``text``; words and bytes counted in ``target``: WikiText).
+    ``loglikelihood`` (one continuation: greedy-match accuracy and perplexity, LAMBADA), ``perplexity``
+    (rolling log-likelihood of ``text``; words and bytes counted in ``target``: WikiText), or ``blocks`` (token
+    perplexity of packed blocks of the streamed documents: C4).
     ``multiple_input``: the choices are contexts and the target the shared continuation (WinoGrande).
     """
 
@@ -152,7 +153,10 @@ _TASKS = [
          description=lambda d: f"The following are multiple choice questions (with answers) about "
                                f"{d['subject'].replace('_', ' ')}.\n\n",
          offline="hails/mmlu_no_train/{subset}/test", subsets=MMLU_SUBJECTS),
-    # Perplexity on held-out text.
+    # Perplexity on held-out text: C4 validation as Just CHOP reports it (token perplexity of the first blocks of
+    # 2,048 tokens; `limit` sets how many, default 256), and WikiText as lm-eval does.
+    Task("c4", "allenai/c4", "en", "validation", ("text",), text=lambda d: d["text"], kind="blocks",
+         metrics=("perplexity",), offline="english-passages"),
     Task("wikitext", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test", ("page",),
          text=lambda d: wikitext_detokenize(d["page"]), target=lambda d: d["page"], kind="perplexity",
          metrics=("word_perplexity", "byte_perplexity", "bits_per_byte")),
@@ -268,3 +272,40 @@ def _offline(task: Task) -> Any:
         log.warning("task %s: chop's offline copy has the %s split, not %s as lm-eval reads from the hub",
                     task.name, split, task.split)
     return datasets.load_from_disk(str(root / "hf_datasets" / task.offline))
+
+
+BLOCK_LEN, N_BLOCKS = 2048, 256
+
+
+def stream_texts(task: Task, data_dir: Optional[str] = None) -> Iterator[str]:
+    """The texts of a ``blocks`` task in order, streamed: ``data_dir/<task>/`` files, else the hub, else chop's
+    offline corpus (with a warning: it is other English text, not the task's)."""
+    import itertools
+
+    from chop import assets
+    from chop.data.streaming import Source
+    from chop.models.loading import hub_offline
+
+    if data_dir is not None:
+        folder = Path(data_dir) / task.name
+        files = sorted(str(p) for p in folder.glob("*") if p.suffix in (".json", ".jsonl", ".parquet", ".txt"))
+        sources = [Source(files=tuple(files), text_field=task.fields[0])] if files else []
+    else:
+        sources = [] if hub_offline() else [Source(path=task.path, name=task.config, split=task.split,
+                                                   text_field=task.fields[0])]
+        if task.offline:
+            sources.append(Source(files=(str(assets.OFFLINE_CORPORA[task.offline]() / "val.jsonl"),)))
+    for i, source in enumerate(sources):
+        texts = source.documents()
+        try:
+            first = next(texts)
+        except Exception as err:  # the hub did not answer: the next source
+            log.warning("task %s: cannot read %s (%s)", task.name, source.path or source.files, type(err).__name__)
+            continue
+        if source.files and data_dir is None:
+            log.warning("task %s: the hub is unreachable; scoring chop's offline corpus '%s' instead", task.name,
+                        task.offline)
+        return itertools.chain([first], texts)
+    raise RuntimeError(f"task '{task.name}': cannot read dataset '{task.path}' ({task.config}) split '{task.split}'. "
+                       f"Point chop at local files: --data_dir DIR with DIR/{task.name}/*.jsonl (field "
+                       f"'{task.fields[0]}')")
