@@ -1,7 +1,6 @@
 """Two CPU processes through Lightning's DDP (gloo): every document is trained on exactly once across ranks."""
 
 import json
-from pathlib import Path
 
 import pytest
 

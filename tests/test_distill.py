@@ -16,7 +16,7 @@ from chop.cli import cli_main
 from chop.models.loading import load_model
 from chop.training import optim
 from chop.training.distill import Distillation, DistillLoss, frozen_copy
-from chop.training.losses import DIVERGENCES, LogitLoss, head_losses, output_head
+from chop.training.losses import DIVERGENCES, LogitLoss, head_losses
 from chop.training.pretrain import ContinuedPretraining
 
 LLAMA = dict(TINY["llama"], vocab_size=1100)

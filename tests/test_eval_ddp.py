@@ -4,7 +4,6 @@ the numbers are those of one process."""
 import json
 import os
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from chop.models.loading import DTYPES, load_config, load_model, load_tokenizer
 from chop.models.registry import decoder_layers, num_layers
