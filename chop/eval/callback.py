@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from chop.eval.engine import Scorer
-from chop.eval.suite import average, evaluate, to_json
+from chop.eval.suite import average, block_docs, evaluate, to_json
 from chop.eval.tasks import Doc, get, load_docs
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ class ZeroShotEvalCallback(Callback):
             raise ValueError("ZeroShotEvalCallback: not supported under FSDP yet (it scores through the unsharded "
                              "model); evaluate the exported checkpoint with `python -m chop eval`")
         if self.docs is None:  # before the first step, so that missing data fails early
+            from chop.models.loading import load_tokenizer
+
+            self.tokenizer = load_tokenizer(pl_module.tokenizer_name)
             self.docs = {t.name: load_docs(t, self.data_dir, self.limit) for t in get(self.tasks) if t.kind != "blocks"}
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
@@ -63,14 +66,15 @@ class ZeroShotEvalCallback(Callback):
         if step == self.last_step:  # a checkpoint at a step that was just evaluated
             return None
         self.last_step = step
-        from chop.models.loading import load_tokenizer
-
         was_training = pl_module.training
         pl_module.eval()
         try:
             with trainer.precision_plugin.forward_context(), torch.inference_mode():
-                scorer = Scorer(pl_module.model, load_tokenizer(pl_module.tokenizer_name), self.batch_size)
-                results = evaluate(pl_module.model, scorer.tokenizer, self.tasks, scorer=scorer, docs=self.docs)
+                scorer = Scorer(pl_module.model, self.tokenizer, self.batch_size)
+                for task in get(self.tasks):  # blocks need the tokenizer: packed at the first run, then kept
+                    if task.name not in self.docs:
+                        self.docs[task.name] = block_docs(task, scorer, self.data_dir, self.limit)
+                results = evaluate(pl_module.model, self.tokenizer, self.tasks, scorer=scorer, docs=self.docs)
         finally:
             pl_module.train(was_training)
         metrics = {f"eval/{name}/{m}": v for name, r in results.items() for m, v in r.metrics.items()}

@@ -47,7 +47,7 @@ class ContinuedPretraining(L.LightningModule):
         export_on_end: at the end of ``fit``, write the model and tokenizer as a Hugging Face directory
             ``hf/`` beside the checkpoints.
         logit_chunk: tokens per chunk in which logits and their losses are computed, so that the full
-            ``[tokens, vocab]`` float32 logits never exist at once. Default: 1 GiB of float32 logits per chunk
+            ``[tokens, vocab]`` float32 logits never exist at once. Default: 512 MiB of float32 logits per chunk
             (``losses.chunk_for``); 0: all at once.
     """
 
