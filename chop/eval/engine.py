@@ -2,19 +2,23 @@
 
 One forward of the model body per batch; the LM head and the log-softmax run only at the positions that predict
 continuation tokens (not over every context token), which is where most of a small-model evaluation's time went.
-Requests are sorted by length so batches carry little padding; padding is on the right and the attention causal, so
-it changes nothing before it. Under DDP each rank scores a share of the requests and all ranks gather the results.
+Requests with the same context share one row (the context once, each continuation in its own masked segment), which
+halves the tokens of a multiple-choice suite. Rows are sorted by length so batches carry little padding; padding is on
+the right and the attention causal, so it changes nothing before it. Under DDP each rank scores a share of the rows
+and all ranks gather the results.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chop.training.losses import output_head
@@ -23,6 +27,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for models that state no context length
 HEAD_CHUNK = 4096  # continuation positions whose logits are formed at once
+# cuDNN's attention builds a plan for every new batch shape (seconds, cold); the length-sorted batches of an
+# evaluation are nearly all new shapes.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+MAX_BATCH_TOKENS = 2**17  # larger batches gain no speed and, sorted by length, carry more padding
 
 
 def max_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -52,6 +60,9 @@ class Scorer:
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._prefix_text = tokenizer.decode(self.prefix_id)
         self.head = output_head(model)
+        config = model.config.get_text_config()
+        sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+        self.segments = not sliding and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
     @property
     def device(self) -> torch.device:
@@ -115,19 +126,28 @@ class Scorer:
         return totals
 
     def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        # Requests with the same input (choices of one token after a shared context: MMLU's A-D, BoolQ's yes/no)
-        # share one row of the batch: the same logits serve each of their continuations, exactly.
-        rows: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        # Requests with the same context share one row: the context once, then each continuation's tokens (all but
+        # its last, which is only predicted) in its own segment that sees the context and itself, not the others
+        # (a block mask and position ids that restart after the context). The first continuation token is
+        # predicted from the shared last context position, exactly as each request alone would predict it.
+        # Models whose attention cannot take such a mask (sliding windows, flash-attention) share a row only between
+        # single-token continuations, which need no segments (MMLU's A-D, BoolQ's yes/no).
+        rows: dict[tuple, tuple[tuple[int, ...], list[tuple[int, list[int]]]]] = {}
         for i, (ctx, cont) in enumerate(pairs):
-            full = (ctx + cont)[-(self.max_len + 1):]
-            rows.setdefault(tuple(full[:-1]), []).append((i, full[len(full) - len(cont):] if cont else []))
+            full = (ctx + cont)[-(self.max_len + 1):]  # as lm-eval: at most max_len inputs, cut from the left
+            n = min(len(cont), len(full) - 1)
+            stem = tuple(full[:len(full) - n][-self.max_len:])
+            key = stem if n <= 1 or self.segments else (stem, i)
+            rows.setdefault(key, (stem, []))[1].append((i, full[len(full) - n:]))
         rank, world = _dist()
-        order = sorted(rows, key=lambda inp: (-len(inp), inp))  # longest first, as lm-eval
+        width = {k: len(stem) + sum(max(0, len(c) - 1) for _, c in conts) for k, (stem, conts) in rows.items()}
+        order = sorted(rows, key=lambda k: (-width[k], rows[k][0]))  # longest first, as lm-eval
         scores: dict[int, tuple[float, bool]] = {}
-        mine = [(inp, rows[inp]) for inp in order[rank::world]]
-        start, budget = 0, self._token_budget(mine)
+        mine = [rows[k] for k in order[rank::world]]
+        widths = [width[k] for k in order[rank::world]]
+        start, budget = 0, self._token_budget(widths[0] if mine else 1)
         while start < len(mine):
-            n = max(1, min(len(mine) - start, budget // max(1, len(mine[start][0]))))
+            n = max(1, min(len(mine) - start, budget // max(1, widths[start])))
             try:
                 scores.update(self._score_batch(mine[start:start + n]))
             except torch.cuda.OutOfMemoryError:
@@ -143,10 +163,9 @@ class Scorer:
             scores = {k: v for part in gathered for k, v in part.items()}
         return [scores[i] for i in range(len(pairs))]
 
-    def _token_budget(self, rows: list) -> int:
-        """Tokens per batch: ``batch_size`` rows of the longest input; ``auto`` on GPU: what half the free memory
-        holds of one layer's activations in bf16 (inference keeps one layer's at a time), halved on OOM."""
-        longest = len(rows[0][0]) if rows else 1
+    def _token_budget(self, longest: int) -> int:
+        """Tokens per batch: ``batch_size`` rows of the longest; ``auto`` on GPU: what half the free memory holds of
+        one layer's activations in bf16 (inference keeps one layer's at a time), at most ``MAX_BATCH_TOKENS``."""
         if self.batch_size != "auto":
             return self.batch_size * longest
         if self.device.type != "cuda":
@@ -155,38 +174,73 @@ class Scorer:
         inter = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
         per_token = 2 * (3 * inter + 8 * config.hidden_size)
         free, _ = torch.cuda.mem_get_info(self.device)
-        return max(longest, int(0.5 * free / per_token))
+        return max(longest, min(MAX_BATCH_TOKENS, int(0.5 * free / per_token)))
 
     @torch.inference_mode()
     def _score_batch(self, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]) -> dict[int, tuple[float, bool]]:
+        """Scores of one batch of rows: (stem tokens, [(request index, continuation tokens), ...])."""
         device = self.device
-        width = max(len(inp) for inp, _ in batch)
-        ids = np.zeros((len(batch), width), dtype=np.int64)
-        rows, cols, targets, owner, requests = [], [], [], [], []
-        for b, (inp, conts) in enumerate(batch):
-            ids[b, :len(inp)] = inp
-            for i, cont in conts:
-                n = len(cont)
-                rows += [b] * n
-                cols += range(len(inp) - n, len(inp))
-                targets += cont
-                owner += [len(requests)] * n
-                requests.append(i)
-        rows_t, cols_t, target, owner_t = (torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
-                                           for x in (rows, cols, targets, owner))
-        ids = torch.from_numpy(ids)
-        hidden = self.model.base_model(input_ids=ids.to(device), use_cache=False).last_hidden_state
+        requests = [i for _, conts in batch for i, _ in conts]
+        counts = np.array([len(conts) for _, conts in batch], dtype=np.int64)
+        n_cont = np.fromiter((len(c) for _, conts in batch for _, c in conts), dtype=np.int64, count=len(requests))
+        stem = np.fromiter((len(s) for s, _ in batch), dtype=np.int64, count=len(batch))
+        # A row's pieces: its stem, then a segment per continuation (its tokens but the last). Per piece: length,
+        # offset within its row, the position of its first token (a segment's continues from the stem), segment id.
+        first = np.arange(len(batch)) + np.cumsum(counts) - counts
+        is_stem = np.zeros(len(batch) + len(requests), dtype=bool)
+        is_stem[first] = True
+        length = np.empty(len(is_stem), dtype=np.int64)
+        length[is_stem], length[~is_stem] = stem, np.maximum(n_cont - 1, 0)
+        start = np.cumsum(length) - length
+        offset = start - np.repeat(start[first], counts + 1)
+        pos0 = np.where(is_stem, 0, np.repeat(stem, counts + 1))
+        segment_id = np.where(is_stem, 0, np.cumsum(~is_stem))
+        row_len = np.add.reduceat(length, first)
+        fill = np.arange(int(row_len.max())) < row_len[:, None]  # row-major: each row's tokens, then padding
+        ids = np.zeros(fill.shape, dtype=np.int64)
+        ids[fill] = np.fromiter(chain.from_iterable(p for s, conts in batch for p in chain((s,), (c[:-1] for _, c in conts))),
+                                dtype=np.int64, count=int(length.sum()))
+        # Continuation token j is predicted at the stem's last position (j = 0), else at its segment's token j - 1.
+        row_of = np.repeat(np.arange(len(batch)), counts)
+        j = np.arange(int(n_cont.sum())) - np.repeat(np.cumsum(n_cont) - n_cont, n_cont)
+        rows = np.repeat(row_of, n_cont)
+        cols = np.where(j == 0, np.repeat(stem[row_of] - 1, n_cont), np.repeat(offset[~is_stem], n_cont) + j - 1)
+        target = np.fromiter(chain.from_iterable(c for _, conts in batch for _, c in conts), dtype=np.int64,
+                             count=len(rows))
+        owner = np.repeat(np.arange(len(requests)), n_cont)
+        kwargs = {}
+        if (np.add.reduceat((~is_stem & (length > 0)).astype(np.int64), first) > 1).any():  # rows of 2+ segments
+            position, segment = np.zeros_like(ids), np.zeros_like(ids)
+            position[fill] = np.repeat(pos0 - start, length) + np.arange(int(length.sum()))
+            segment[fill] = np.repeat(segment_id, length)
+            kwargs = {"position_ids": torch.from_numpy(position).to(device),
+                      "attention_mask": self._segment_mask(torch.from_numpy(segment).to(device))}
+        rows_t, cols_t, target, owner_t = (torch.from_numpy(x).to(device, non_blocking=True)
+                                           for x in (rows, cols, target, owner))
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            hidden = self.model.base_model(input_ids=torch.from_numpy(ids).to(device), use_cache=False,
+                                           **kwargs).last_hidden_state
         picked = hidden[rows_t, cols_t]
         logp, misses = torch.empty(len(target), device=device), torch.empty(len(target), device=device)
         for i in range(0, len(target), HEAD_CHUNK):  # bounded memory: float32 logits of HEAD_CHUNK positions at a time
-            logits = self.head(picked[i:i + HEAD_CHUNK]).float()
+            logits = self.head(picked[i:i + HEAD_CHUNK])
             t = target[i:i + HEAD_CHUNK]
-            logp[i:i + HEAD_CHUNK] = F.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1)
+            # In float32 whatever the model's dtype, in one pass over the logits (no float32 copy of them first).
+            logp[i:i + HEAD_CHUNK] = F.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, t[:, None])[:, 0]
             misses[i:i + HEAD_CHUNK] = (logits.argmax(-1) != t).float()
         n = len(requests)
         ll = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, logp.double()).tolist()
         miss = torch.zeros(n, device=device).index_add_(0, owner_t, misses).tolist()
         return {i: (ll[k], miss[k] == 0) for k, i in enumerate(requests)}
+
+    def _segment_mask(self, segment: torch.Tensor) -> torch.Tensor:
+        """Additive attention mask (batch, 1, width, width): causal, and a segment sees the stem (0) and itself."""
+        index = torch.arange(segment.shape[1], device=segment.device)
+        allowed = (index[None, :] <= index[:, None]) & ((segment[:, None, :] == 0) |
+                                                         (segment[:, None, :] == segment[:, :, None]))
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=segment.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> Iterator[tuple[list[int], list[int]]]:
