@@ -1,4 +1,4 @@
-"""``python -m chop <fit|validate|test|export|eval> ...``: LightningCLI for training, plus chop's own subcommands."""
+"""``python -m chop <fit|validate|test|export|eval|prune> ...``: LightningCLI for training, plus chop's own subcommands."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from typing import Any, Optional
 
 import torch
 from jsonargparse import ArgumentParser
+from lightning import LightningDataModule
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
-from chop.data.streaming import StreamingDataModule
+from chop.models.loading import from_config
 from chop.training.callbacks import AtomicCheckpointIO
 from chop.training.pretrain import ContinuedPretraining, export_hf, read_checkpoint_meta
 
@@ -71,7 +72,7 @@ def check_resume(trainer: Any, model: ContinuedPretraining, ckpt_path: Optional[
 def cli_main(args: Optional[list[str]] = None) -> ChopCLI:
     return ChopCLI(
         ContinuedPretraining,
-        StreamingDataModule,
+        LightningDataModule,  # StreamingDataModule for pretraining, ClassificationDataModule for prompt fine-tuning
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
@@ -82,7 +83,7 @@ def cli_main(args: Optional[list[str]] = None) -> ChopCLI:
 def model_from_checkpoint(ckpt: str) -> tuple[Any, Optional[str]]:
     """The trained model of a chop Lightning checkpoint, and its tokenizer's name."""
     meta = read_checkpoint_meta(ckpt)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**meta["config"]))
+    model = from_config(AutoConfig.for_model(**meta["config"]))
     state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     try:
@@ -114,7 +115,13 @@ def eval_main(args: list[str]) -> None:
     main(args)
 
 
-SUBCOMMANDS = {"export": export_main, "eval": eval_main}
+def prune_main(args: list[str]) -> None:
+    from chop.pruning.run import main
+
+    main(args)
+
+
+SUBCOMMANDS = {"export": export_main, "eval": eval_main, "prune": prune_main}
 
 
 def main(args: Optional[list[str]] = None) -> None:

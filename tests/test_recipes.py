@@ -18,6 +18,13 @@ YAMLS = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("recipes/**/*.yaml"
 def test_config_parses(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = yaml.safe_load(open(path))
+    if "surgeon" in cfg:  # a `python -m chop prune` config
+        from chop.pruning.run import parse
+        from chop.pruning.surgeon import Surgeon
+
+        args = parse(["--config", path])
+        assert isinstance(args["surgeon"], Surgeon) and args["surgeon"].sparsity == cfg["surgeon"]["sparsity"]
+        return
     assert cfg["model"]["class_path"].startswith("chop.")
     with pytest.raises(SystemExit) as done:
         cli_main(["fit", "--config", path, "--print_config"])
@@ -54,3 +61,33 @@ def test_llama2_recipe_runs_with_local_sources(tmp_path, monkeypatch, recipe):
     if recipe.endswith("distill"):
         assert cli.model.teacher.config.num_hidden_layers == 32 and cli.model.layer_map == cli.model.plan.kept
         assert {"train/logits", "train/hidden"} <= set(cli.trainer.callback_metrics)
+
+
+@pytest.mark.parametrize("recipe, arch, n_layers", [("opt_1.3b_sst2", "opt", 24), ("gpt2_xl_sst2", "gpt2", 48)])
+def test_why_lift_so_heavy_recipe_runs_with_local_sources(tmp_path, monkeypatch, recipe, arch, n_layers):
+    """The prompt-classification recipes, shrunk to the CPU: a tiny local model of the paper's depth and SST-2-like
+    rows in the hub's columns (sentence, label) where the hub ids would load."""
+    hub = {"opt": "facebook/opt-1.3b", "gpt2": "openai-community/gpt2-xl"}[arch]
+    model_dir = tmp_path / arch
+    make_tokenizer(model_dir)
+    depth = {"n_layer": n_layers} if arch == "gpt2" else {"num_hidden_layers": n_layers}
+    loading.load_model(config={**TINY[arch], "vocab_size": 1100, **depth}).save_pretrained(model_dir)
+    real_resolve, real_load = loading.resolve, datasets.load_dataset
+    monkeypatch.setattr(loading, "resolve", lambda n: str(model_dir) if n == hub else real_resolve(n))
+    fixture = ROOT / "tests" / "fixtures" / "classify"
+
+    def local_sst2(path, name=None, split=None, **kw):
+        if path == "stanfordnlp/sst2":
+            files = str(fixture / ("train.jsonl" if split == "train" else "test.jsonl"))
+            return real_load("json", data_files=files, split="train").rename_column("text", "sentence")
+        return real_load(path, name, split=split, **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", local_sst2)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the hub path, answered locally
+    cli = cli_main(["fit", "--config", str(ROOT / f"recipes/why_lift_so_heavy/{recipe}.yaml"),
+                    "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_steps=3",
+                    "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
+                    "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                    "--data.num_workers=0", '--data.verbalizer={"negative": " a", "positive": " good"}'])
+    assert cli.model.plan.kept == [0, 1]
+    assert cli.trainer.global_step == 3 and {"val/acc", "val/f1", "train/loss"} <= set(cli.trainer.callback_metrics)

@@ -71,4 +71,38 @@ def load_model(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(cfg, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(resolve(name), **(config or {}), **kwargs)
+    path = resolve(name)
+    cfg = AutoConfig.from_pretrained(path, **(config or {}))
+    if getattr(cfg.get_text_config(), "chop_widths", None):
+        return _load_per_layer_widths(path, cfg, kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **(config or {}), **kwargs)
+
+
+def from_config(config: Any, **kwargs: Any) -> PreTrainedModel:
+    """A random-init model of ``config``, with the per-layer widths a structured prune recorded (``chop_widths``)."""
+    from chop.pruning.surgeon import apply_widths
+
+    return apply_widths(AutoModelForCausalLM.from_config(config, **kwargs))
+
+
+def _load_per_layer_widths(path: str, config: Any, kwargs: dict) -> PreTrainedModel:
+    """A model whose layers differ in width (structured pruning): transformers' configs cannot say so, so build the
+    architecture, give each layer its recorded shapes, then load the weights."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    model = from_config(config, **kwargs)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"model: the weights in '{path}' do not fit the widths its config records "
+                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return model.eval()

@@ -1,12 +1,14 @@
 """Where each supported architecture keeps its decoder layers.
 
 Adding an architecture is one line in ``ARCHITECTURES``: its ``model_type`` and the dotted path, from the
-``*ForCausalLM`` module, to the ``nn.ModuleList`` of decoder blocks.
+``*ForCausalLM`` module, to the ``nn.ModuleList`` of decoder blocks; for structured pruning also the names of its
+attention and MLP linears within a block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -15,18 +17,25 @@ from transformers import PretrainedConfig, PreTrainedModel
 @dataclass(frozen=True)
 class Architecture:
     layers: str  # dotted path to the ModuleList of decoder blocks
+    # Within a block, for structured pruning (None: separate linears not available, e.g. fused qkv):
+    attention: Optional[tuple[str, str, str, str]] = None  # q, k, v (rows by head) and output (columns by head)
+    mlp_in: Optional[tuple[str, ...]] = None  # linears whose rows are the MLP's hidden units
+    mlp_out: Optional[str] = None  # the linear whose columns are those units
 
 
+_LLAMA = dict(attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+              mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj")
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture("model.layers"),
-    "mistral": Architecture("model.layers"),
-    "qwen2": Architecture("model.layers"),
-    "qwen3": Architecture("model.layers"),
-    "gemma2": Architecture("model.layers"),
-    "gemma3_text": Architecture("model.layers"),
+    "llama": Architecture("model.layers", **_LLAMA),
+    "mistral": Architecture("model.layers", **_LLAMA),
+    "qwen2": Architecture("model.layers", **_LLAMA),
+    "qwen3": Architecture("model.layers", **_LLAMA),
+    "gemma2": Architecture("model.layers", **_LLAMA),
+    "gemma3_text": Architecture("model.layers", **_LLAMA),
     "phi3": Architecture("model.layers"),
-    "olmo2": Architecture("model.layers"),
-    "opt": Architecture("model.decoder.layers"),
+    "olmo2": Architecture("model.layers", **_LLAMA),
+    "opt": Architecture("model.decoder.layers", attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                           "self_attn.out_proj"), mlp_in=("fc1",), mlp_out="fc2"),
     "gpt2": Architecture("transformer.h"),
     "gpt_neox": Architecture("gpt_neox.layers"),
 }

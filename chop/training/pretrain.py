@@ -16,11 +16,13 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
-from chop.models.loading import DTYPES, load_config, load_model
+from chop.models.loading import DTYPES, from_config, load_config, load_model
 from chop.models.registry import num_layers
 from chop.pruning.layerchop import ChopPlan, LayerChop, chop
+from chop.pruning.surgeon import Surgeon
+from chop.pruning.surgeon import prune as surgeon_prune
 from chop.training import optim
 from chop.training.callbacks import ComputeBudget
 from chop.training.flops import ModelSize
@@ -41,6 +43,9 @@ class ContinuedPretraining(L.LightningModule):
         dtype: parameter dtype (``float32`` with ``bf16-mixed`` precision on GPU is the usual choice).
         attn_implementation: ``sdpa``, ``flash_attention_2`` or ``eager``.
         chop: which layers to delete before training (None: train the model as it is).
+        pruning: LLM Surgeon settings to prune the (chopped) model before training, on
+            ``pruning.calibration_samples`` sequences of the training data (``chop.pruning.surgeon.Surgeon``).
+            Structured pruning leaves smaller matrices; (semi)unstructured zeros are not held at zero in training.
         optim: optimizer and learning-rate schedule.
         compile: run the forward through ``torch.compile``.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -59,6 +64,7 @@ class ContinuedPretraining(L.LightningModule):
         dtype: str = "float32",
         attn_implementation: Optional[str] = "sdpa",
         chop: Optional[LayerChop] = None,
+        pruning: Optional[Surgeon] = None,
         optim: optim.Optim = optim.Optim(),
         compile: bool = False,
         gradient_checkpointing: bool = False,
@@ -67,6 +73,7 @@ class ContinuedPretraining(L.LightningModule):
     ) -> None:
         super().__init__()
         chop = LayerChop(**chop) if isinstance(chop, dict) else chop  # Python callers may pass plain dicts
+        pruning = Surgeon(**pruning) if isinstance(pruning, dict) else pruning
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype: '{dtype}' is not one of {list(DTYPES)}")
         if name is None and not (config and "model_type" in config):
@@ -85,6 +92,9 @@ class ContinuedPretraining(L.LightningModule):
         self.val_loss = MeanMetric()
         if chop is not None:
             chop.n_to_remove(num_layers(self.source_config()))  # reject a bad target before any weights load
+        self.pruning = pruning
+        if pruning is not None:
+            pruning.check(self.source_config())
 
     @property
     def source(self) -> str:
@@ -110,7 +120,7 @@ class ContinuedPretraining(L.LightningModule):
         if resume is not None:
             # The architecture comes from the checkpoint (already chopped); its weights are loaded by Lightning next.
             cfg = AutoConfig.for_model(**resume["config"])
-            self.model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[self.dtype_name], attn_implementation=self.attn)
+            self.model = from_config(cfg, dtype=DTYPES[self.dtype_name], attn_implementation=self.attn)
             self.plan = ChopPlan(**resume["plan"]) if resume.get("plan") else None
         else:
             self.model = self.load_source()
@@ -121,6 +131,10 @@ class ContinuedPretraining(L.LightningModule):
                     calib = self.trainer.datamodule.calibration_batches(spec.calibration_batches)
                 self.plan = chop(self.model, spec, calib)
                 log.info("chop plan: kept %s; parameters %d -> %d", self.plan.kept, self.plan.params_before, self.plan.params_after)
+            if self.pruning is not None:
+                batches = self.trainer.datamodule.calibration_batches(
+                    -(-self.pruning.calibration_samples // self.trainer.datamodule.hparams.batch_size))
+                self.surgeon_report = surgeon_prune(self.model, self.pruning, batches)
         self.model.config.use_cache = False
         self.model_size = ModelSize.of(self.model)
         self.model.train()  # from_pretrained leaves it in eval mode
@@ -272,7 +286,10 @@ class ContinuedPretraining(L.LightningModule):
         state = self.trainer.strategy.lightning_module_state_dict()  # on every rank: FSDP gathers the shards
         if self.trainer.is_global_zero:
             weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-            export_hf(self.model, self.tokenizer_name, out / "hf", weights)
+            target = out / "hf"
+            if target.exists() and any(target.iterdir()):  # a resumed run: keep the earlier export too
+                target = out / f"hf-step={self.global_step}"
+            export_hf(self.model, self.tokenizer_name, target, weights)
 
     def output_dir(self) -> Optional[Path]:
         cb = self.trainer.checkpoint_callback

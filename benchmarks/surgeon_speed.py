@@ -1,0 +1,113 @@
+"""LLM Surgeon's cost on one GPU: curvature (K-FAC factors over the calibration set) and one structured shot
+(costs, selection, correlated updates) on a random-init Llama of about 1B parameters, with peak memory, and the
+time extrapolated to Llama-2-7B at the paper's 40 shots.
+
+    python benchmarks/surgeon_speed.py [--samples 128] [--seq 2048] [--sparsity 0.3]
+
+Measured parts: forward+backward over the calibration set alone (``fb``), the same with the factor hooks
+(``collect``; hooks = collect - fb), inverting the factors, one shot's selection and updates. Extrapolation: each part
+scaled by its complexity (fb: parameters x tokens; hooks: tokens x sum of factor sizes; inverses and updates: sum of
+cubed factor dimensions), times the number of shots. Prints a table, writes surgeon_speed.json ($OUT, else
+benchmarks/results/).
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def linear_dims(hidden: int, mlp: int, layers: int, kv: int, heads: int) -> list[tuple[int, int]]:
+    """(in, out) of every decoder linear of a Llama."""
+    head_dim = hidden // heads
+    per = [(hidden, hidden), (hidden, kv * head_dim), (hidden, kv * head_dim), (hidden, hidden),
+           (hidden, mlp), (hidden, mlp), (mlp, hidden)]
+    return per * layers
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--mlp", type=int, default=5632)  # TinyLlama-1.1B's shape
+    p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--kv_heads", type=int, default=4)
+    args = p.parse_args()
+
+    from chop.models.loading import load_model
+    from chop.pruning import kfac
+    from chop.pruning.surgeon import Surgeon, _structured_shot, linears, structures
+
+    torch.manual_seed(0)
+    cfg = dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
+               num_attention_heads=32, num_key_value_heads=args.kv_heads, vocab_size=32000, max_position_embeddings=args.seq)
+    with torch.device("cuda"):
+        model = load_model(config=cfg, dtype="bfloat16")
+    n_params = sum(p.numel() for p in model.parameters())
+    batches = [torch.randint(0, 32000, (args.batch, args.seq + 1), device="cuda")
+               for _ in range(args.samples // args.batch)]
+    layers = linears(model)
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    def plain():
+        for ids in batches:
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits.float()
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+
+    timed(lambda: plain())  # warm-up
+    _, fb = timed(plain)
+    torch.cuda.reset_peak_memory_stats()
+    factors, collect = timed(lambda: kfac.collect(model, layers, batches))
+    _, invert = timed(lambda: [f.invert(0.01, 0.01) for f in factors.values()])
+    factor_gib = sum(t.numel() * 8 for f in factors.values() for t in (f.A, f.G, f.A_inv, f.G_inv)) / 2**30
+    groups = structures(model)
+    total = sum(l.weight.numel() for l in layers.values())
+    _, shot = timed(lambda: _structured_shot(layers, factors, groups, args.sparsity * total, Surgeon(sparsity=args.sparsity)))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    hooks = collect - fb
+
+    # Extrapolate to Llama-2-7B (hidden 4096, MLP 11008, 32 layers, 32 heads), 128 x 4096 tokens, 40 shots.
+    small = linear_dims(args.hidden, args.mlp, args.layers, args.kv_heads, 32)
+    big = linear_dims(4096, 11008, 32, 32, 32)
+    tokens_small, tokens_big = args.samples * args.seq, 128 * 4096
+    n7 = 6.74e9
+    sq = lambda dims: sum((i + 1) ** 2 + o ** 2 for i, o in dims)  # noqa: E731
+    cube = lambda dims: sum((i + 1) ** 3 + o ** 3 for i, o in dims)  # noqa: E731
+    per_shot_7b = (fb * n7 / n_params * tokens_big / tokens_small + hooks * tokens_big / tokens_small * sq(big) / sq(small)
+                   + (invert + shot) * cube(big) / cube(small))
+    rows = [("model parameters", f"{n_params / 1e9:.3f}B"), ("calibration tokens", f"{tokens_small:,}"),
+            ("forward+backward, no hooks (s)", f"{fb:.2f}"), ("curvature: K-FAC factors (s)", f"{collect:.2f}"),
+            ("inverting the factors (s)", f"{invert:.2f}"), ("one structured shot: costs, selection, updates (s)", f"{shot:.2f}"),
+            ("curvature + one shot (s)", f"{collect + invert + shot:.2f}"), ("factors, float64 (GiB)", f"{factor_gib:.1f}"),
+            ("peak GPU memory (GiB)", f"{peak:.1f}"),
+            ("Llama-2-7B, one shot, extrapolated (s)", f"{per_shot_7b:.0f}"),
+            ("Llama-2-7B, 40 shots, extrapolated (h)", f"{40 * per_shot_7b / 3600:.2f}"),
+            ("Llama-2-7B factors, float64 (GiB)", f"{sq(big) * 2 * 8 / 2**30:.0f}")]
+    print(f"\nLLM Surgeon on {torch.cuda.get_device_name()}")
+    for k, v in rows:
+        print(f"  {k:<55}{v:>12}")
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "surgeon_speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "args": vars(args), "params": n_params,
+                               "fb_s": fb, "collect_s": collect, "invert_s": invert, "shot_s": shot,
+                               "factors_gib": factor_gib, "peak_gib": peak, "llama2_7b_shot_s": per_shot_7b,
+                               "llama2_7b_40_shots_h": 40 * per_shot_7b / 3600,
+                               "llama2_7b_factors_gib": sq(big) * 2 * 8 / 2**30}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Kronecker-factored curvature of the loss for the linear layers of a model (K-FAC), and LLM Surgeon's costs and
+weight updates under it (arXiv 2312.17244).
+
+For a linear layer ``y = W a`` (W: out x in) the Fisher of its weights is approximated by ``G ⊗ A`` with
+``A = E[a aᵀ]`` over its inputs (plus a constant 1 when the layer has a bias, so the bias is the last column of W)
+and ``G = E[g gᵀ]`` over the gradients of the loss with respect to its outputs. Everything here is float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Factors:
+    """One layer's Kronecker factors and their damped inverses."""
+
+    A: torch.Tensor
+    G: torch.Tensor
+    A_inv: Optional[torch.Tensor] = None
+    G_inv: Optional[torch.Tensor] = None
+
+    def invert(self, damp_a: float, damp_g: float) -> "Factors":
+        """Damped inverses: λ·mean(diag) added to each factor's diagonal."""
+        self.A_inv = _damped_inverse(self.A, damp_a)
+        self.G_inv = _damped_inverse(self.G, damp_g)
+        return self
+
+
+def _damped_inverse(m: torch.Tensor, damp: float) -> torch.Tensor:
+    m = m.double()
+    m = m + damp * m.diagonal().mean() * torch.eye(len(m), dtype=m.dtype, device=m.device)
+    return torch.linalg.inv(m)
+
+
+def weight_matrix(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weights in float64, with the bias as an extra last column."""
+    w = layer.weight.detach().double()
+    return torch.cat([w, layer.bias.detach().double()[:, None]], 1) if layer.bias is not None else w
+
+
+def set_weight_matrix(layer: nn.Linear, w: torch.Tensor) -> None:
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.copy_(w[:, -1])
+            w = w[:, :-1]
+        layer.weight.copy_(w)
+
+
+def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[torch.Tensor],
+            fisher_samples: int = 0, device: Optional[torch.device] = None) -> dict[str, Factors]:
+    """K-FAC factors of ``layers`` over calibration ``batches`` of token ids.
+
+    Labels: the data's next tokens (the empirical Fisher) or, with ``fisher_samples`` > 0, that many draws from the
+    model's own predictive distribution per batch. ``device``: where the factors accumulate (e.g. CPU to save GPU
+    memory).
+    """
+    sums: dict[str, list] = {name: [None, None] for name in layers}
+    count = [0]
+
+    def forward_hook(name: str):
+        def fn(module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
+            a = args[0].detach().flatten(0, -2).double()
+            if module.bias is not None:
+                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+            a = a.to(device) if device is not None else a
+            sums[name][0] = a.T @ a if sums[name][0] is None else sums[name][0].addmm_(a.T, a)
+            output.register_hook(backward_hook(name))
+        return fn
+
+    def backward_hook(name: str):
+        def fn(grad: torch.Tensor) -> None:
+            g = grad.detach().flatten(0, -2).double()
+            g = g.to(device) if device is not None else g
+            sums[name][1] = g.T @ g if sums[name][1] is None else sums[name][1].addmm_(g.T, g)
+        return fn
+
+    handles = [layer.register_forward_hook(forward_hook(name)) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in batches:
+            ids = ids.to(next(model.parameters()).device)
+            inputs, targets = ids[:, :-1], ids[:, 1:]
+            draws = max(1, fisher_samples)
+            for _ in range(draws):
+                model.zero_grad(set_to_none=True)
+                logits = model(input_ids=inputs, use_cache=False).logits
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                if fisher_samples:
+                    with torch.no_grad():
+                        labels = torch.distributions.Categorical(logits=logits).sample()
+                else:
+                    labels = targets
+                # Summed over tokens: each token's output gradient is a gradient of the loss, not of a mean.
+                F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+                count[0] += inputs.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    n = count[0]
+    return {name: Factors(A / n, G / n) for name, (A, G) in sums.items()}
+
+
+# -- costs: the loss increase of removing weights, ½ Δθᵀ F Δθ at the optimal update of the rest ----------------
+def element_costs(w: torch.Tensor, f: Factors) -> torch.Tensor:
+    """L_ij = ½ W_ij² / ([G⁻¹]_ii [A⁻¹]_jj)."""
+    return 0.5 * w**2 / torch.outer(f.G_inv.diagonal(), f.A_inv.diagonal())
+
+
+def element_costs_obd(w: torch.Tensor, f: Factors) -> torch.Tensor:
+    """K-OBD: the diagonal of G ⊗ A, no inverse: ½ W_ij² G_ii A_jj."""
+    return 0.5 * w**2 * torch.outer(f.G.diagonal(), f.A.diagonal())
+
+
+def row_costs(w: torch.Tensor, f: Factors) -> torch.Tensor:
+    """Row r: ½ w_rᵀ A w_r / [G⁻¹]_rr."""
+    return 0.5 * ((w @ f.A) * w).sum(1) / f.G_inv.diagonal()
+
+
+def column_costs(w: torch.Tensor, f: Factors) -> torch.Tensor:
+    """Column c: ½ w_cᵀ G w_c / [A⁻¹]_cc."""
+    return 0.5 * ((f.G @ w) * w).sum(0) / f.A_inv.diagonal()
+
+
+def row_costs_obd(w: torch.Tensor, f: Factors) -> torch.Tensor:
+    return element_costs_obd(w, f).sum(1)
+
+
+def column_costs_obd(w: torch.Tensor, f: Factors) -> torch.Tensor:
+    return element_costs_obd(w, f).sum(0)
+
+
+def nm_costs(costs: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each group of ``m`` consecutive weights of a row: the sum of its ``n`` smallest costs, and the mask of
+    those ``n`` (True = remove)."""
+    rows, cols = costs.shape
+    groups = costs.view(rows, cols // m, m)
+    smallest = groups.topk(n, dim=-1, largest=False)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, smallest.indices, True)
+    return smallest.values.sum(-1), mask.view(rows, cols)
+
+
+# -- correlated updates of the remaining weights ------------------------------------------------------------------
+def remove_rows(w: torch.Tensor, f: Factors, rows: torch.Tensor) -> torch.Tensor:
+    """W + ΔW with ΔW = −G⁻¹[:,R] ([G⁻¹]_RR)⁻¹ W_R: rows R become zero, the others compensate."""
+    if len(rows) == 0:
+        return w
+    gi = f.G_inv
+    w = w - gi[:, rows] @ torch.linalg.solve(gi[rows][:, rows], w[rows])
+    w[rows] = 0.0  # exactly, not to rounding
+    return w
+
+
+def remove_columns(w: torch.Tensor, f: Factors, cols: torch.Tensor) -> torch.Tensor:
+    """W + ΔW with ΔW = −W_:,C ([A⁻¹]_CC)⁻¹ A⁻¹[C,:]: columns C become zero, the others compensate."""
+    if len(cols) == 0:
+        return w
+    ai = f.A_inv
+    w = w - torch.linalg.solve(ai[cols][:, cols], w[:, cols].T).T @ ai[cols]
+    w[:, cols] = 0.0
+    return w
+
+
+def remove_elements(w: torch.Tensor, f: Factors, mask: torch.Tensor, max_correlate: int = 2048) -> torch.Tensor:
+    """OBS under F ≈ G ⊗ A: the weights in ``mask`` become zero and the rest compensate, in chunks of at most
+    ``max_correlate`` weights whose updates are solved jointly (Δθ = −F⁻¹[:,Q]([F⁻¹]_QQ)⁻¹ θ_Q per chunk)."""
+    w = w.clone()
+    rows, cols = mask.nonzero(as_tuple=True)
+    for start in range(0, len(rows), max_correlate):
+        i, j = rows[start:start + max_correlate], cols[start:start + max_correlate]
+        s = f.G_inv[i][:, i] * f.A_inv[j][:, j]  # [F⁻¹]_QQ for Q = {(i_q, j_q)}
+        lam = torch.linalg.solve(s, w[i, j])
+        w -= (f.G_inv[:, i] * lam) @ f.A_inv[j]
+    w[mask] = 0.0  # exact zeros (later chunks moved earlier ones slightly)
+    return w

@@ -1,0 +1,437 @@
+"""LLM Surgeon (arXiv 2312.17244): prune rows/columns (structured), n:m blocks (semistructured) or single weights
+(unstructured) of a model's decoder linears by Kronecker-factored curvature, with correlated updates of the remaining
+weights, over several shots with one global threshold across layers.
+
+Structured pruning removes coupled structures together, so the result is physically smaller: an MLP hidden unit is a
+row of each MLP input linear (up/gate, or fc1) and a column of the output linear; an attention group is one key/value
+head with the query heads that share it (GQA kept consistent) as rows of q/k/v and columns of the output projection.
+A structure's cost is the sum of its parts' row and column costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from chop.models.registry import architecture, decoder_layers
+from chop.pruning import kfac
+
+log = logging.getLogger(__name__)
+
+MODES = ("structured", "semistructured", "unstructured")
+
+
+@dataclass
+class Surgeon:
+    """LLM Surgeon settings (the paper's defaults: 40 shots to 50%, 128 calibration sequences, damping 0.01).
+
+    Args:
+        mode: structured, semistructured (n:m) or unstructured.
+        sparsity: the fraction of the decoder linears' weights to remove (semistructured: n/m, fixed).
+        shots: prune in this many steps, shot t to t·sparsity/shots, re-estimating the curvature each time.
+        n, m: semistructured: n zeros in every m consecutive weights of a row (2:4).
+        calibration_samples: calibration sequences (of the model's context length, or ``seq_len``).
+        seq_len: calibration sequence length (default: the model's context length).
+        damping_a, damping_g: λ·mean(diag) added to each Kronecker factor before inverting.
+        fisher_samples: 0: the empirical Fisher (the data's next tokens); k: k label draws from the model.
+        obd: K-OBD: costs from the diagonal curvature and no weight updates (the paper's baseline).
+        magnitude: the magnitude baseline: costs ½W² (no curvature), no weight updates.
+        max_correlate: unstructured/semistructured: weights whose updates are solved jointly, per chunk.
+        factors_device: where the curvature factors accumulate (``cpu`` saves GPU memory).
+        batch_size: calibration sequences per forward/backward pass.
+    """
+
+    mode: str = "structured"
+    sparsity: float = 0.3
+    shots: int = 5
+    n: int = 2
+    m: int = 4
+    calibration_samples: int = 128
+    seq_len: Optional[int] = None
+    damping_a: float = 0.01
+    damping_g: float = 0.01
+    fisher_samples: int = 0
+    obd: bool = False
+    magnitude: bool = False
+    max_correlate: int = 2048
+    factors_device: Optional[str] = None
+    batch_size: int = 4
+
+    def check(self, config: Any) -> None:
+        """Refuse bad settings, and models without what the mode needs, before any weights or data load."""
+        if self.mode not in MODES:
+            raise ValueError(f"surgeon.mode: '{self.mode}' is not one of {list(MODES)}")
+        if self.mode == "semistructured":
+            if not 0 < self.n < self.m:
+                raise ValueError(f"surgeon.n/m: {self.n}:{self.m} must have 0 < n < m (e.g. 2:4)")
+        elif not 0 < self.sparsity < 1:
+            raise ValueError(f"surgeon.sparsity: {self.sparsity} must be in (0, 1)")
+        if self.shots < 1:
+            raise ValueError(f"surgeon.shots: {self.shots} must be >= 1")
+        if self.calibration_samples < 1 or self.batch_size < 1:
+            raise ValueError("surgeon.calibration_samples and surgeon.batch_size must be >= 1")
+        if self.obd and self.magnitude:
+            raise ValueError("surgeon.obd and surgeon.magnitude: choose one baseline")
+        if self.damping_a < 0 or self.damping_g < 0:
+            raise ValueError("surgeon.damping_a/damping_g must be >= 0")
+        arch = architecture(config)  # an unknown architecture: an error that says how to register it
+        if self.mode == "structured" and (arch.attention is None or arch.mlp_in is None):
+            raise ValueError(f"surgeon.mode: structured pruning needs separate attention and MLP linears, which chop's "
+                             f"registry does not name for '{config.model_type}'; use unstructured or semistructured")
+
+    def target(self, shot: int) -> float:
+        """The sparsity after shot ``shot`` (1-based): a linear schedule to the final one."""
+        final = self.n / self.m if self.mode == "semistructured" else self.sparsity
+        return final * shot / self.shots
+
+
+# -- structures ---------------------------------------------------------------------------------------------------
+@dataclass
+class Part:
+    """Rows or columns ``index`` of the linear ``name``."""
+
+    name: str
+    axis: int  # 0: rows, 1: columns
+    index: list[int]
+
+
+@dataclass
+class Structure:
+    layer: int
+    kind: str  # "mlp" or "attention"
+    unit: int  # hidden unit, or key/value head
+    parts: list[Part]
+    params: int
+    removed: bool = False
+
+
+def linears(model: PreTrainedModel) -> dict[str, nn.Linear]:
+    """The decoder blocks' linear layers by their full names (embeddings and the LM head are not among them)."""
+    path = architecture(model.config).layers
+    return {f"{path}.{i}.{name}": module for i, block in enumerate(decoder_layers(model))
+            for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+
+def structures(model: PreTrainedModel) -> list[Structure]:
+    """Every MLP hidden unit and attention group of every decoder block."""
+    config = model.config.get_text_config()
+    arch = architecture(config)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    out: list[Structure] = []
+    for i, block in enumerate(decoder_layers(model)):
+        prefix = f"{arch.layers}.{i}."
+        mods = dict(block.named_modules())
+        q, k, v, o = (mods[n] for n in arch.attention)
+        head_dim = k.out_features // kv
+        rep = q.out_features // head_dim // kv
+        for g in range(k.out_features // head_dim):
+            q_rows = [h * head_dim + d for h in range(g * rep, (g + 1) * rep) for d in range(head_dim)]
+            kv_rows = list(range(g * head_dim, (g + 1) * head_dim))
+            parts = [Part(prefix + arch.attention[0], 0, q_rows), Part(prefix + arch.attention[1], 0, kv_rows),
+                     Part(prefix + arch.attention[2], 0, kv_rows), Part(prefix + arch.attention[3], 1, q_rows)]
+            out.append(Structure(i, "attention", g, parts, _params(mods, parts, prefix)))
+        width = mods[arch.mlp_out].in_features
+        for u in range(width):
+            parts = [Part(prefix + n, 0, [u]) for n in arch.mlp_in] + [Part(prefix + arch.mlp_out, 1, [u])]
+            out.append(Structure(i, "mlp", u, parts, _params(mods, parts, prefix)))
+    return out
+
+
+def _params(mods: dict[str, nn.Module], parts: list[Part], prefix: str) -> int:
+    n = 0
+    for part in parts:
+        layer = mods[part.name.removeprefix(prefix)]
+        n += len(part.index) * (layer.in_features + (layer.bias is not None) if part.axis == 0 else layer.out_features)
+    return n
+
+
+# -- the surgeon --------------------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """What was removed: per shot the achieved sparsity (and held-out perplexity) and each linear's sparsity; ``layers``
+    the final allocation; ``kept`` the per-layer widths after slicing (structured)."""
+
+    mode: str
+    target: float
+    params_before: int
+    params_after: int = 0
+    shots: list[dict] = field(default_factory=list)
+    layers: dict[str, float] = field(default_factory=dict)
+    kept: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prunable_params(layers: dict[str, nn.Linear]) -> int:
+    return sum(l.weight.numel() + (l.bias.numel() if l.bias is not None else 0) for l in layers.values())
+
+
+def prune(model: PreTrainedModel, spec: Surgeon, batches: Sequence[torch.Tensor],
+          evaluate: Optional[Callable[[PreTrainedModel], float]] = None,
+          on_shot: Optional[Callable[[int, dict], None]] = None) -> Report:
+    """Prune ``model`` in place by ``spec`` using calibration ``batches`` (token ids, [batch, seq + 1]).
+
+    ``evaluate(model)`` (e.g. held-out perplexity) is logged after every shot; ``on_shot(shot, record)`` sees each
+    shot's record. Structured pruning ends by slicing the removed structures out (smaller matrices).
+    """
+    spec.check(model.config)
+    layers = linears(model)
+    total = prunable_params(layers)
+    report = Report(spec.mode, spec.target(spec.shots), total)
+    groups = structures(model) if spec.mode == "structured" else []
+    masks: dict[str, torch.Tensor] = {}
+    for shot in range(1, spec.shots + 1):
+        factors = _magnitude_factors(layers) if spec.magnitude else kfac.collect(
+            model, layers, batches, spec.fisher_samples, torch.device(spec.factors_device) if spec.factors_device else None)
+        for f in factors.values():
+            f.invert(spec.damping_a, spec.damping_g)
+        target = spec.target(shot)
+        if spec.mode == "structured":
+            _structured_shot(layers, factors, groups, target * total, spec)
+            removed = sum(s.params for s in groups if s.removed)
+        else:
+            _element_shot(layers, factors, masks, target, spec)
+            removed = sum(int(m.sum()) for m in masks.values())
+        del factors
+        record = {"shot": shot, "target": target, "sparsity": removed / total,
+                  "layers": allocation(layers, groups, masks)}
+        if evaluate is not None:
+            record["ppl"] = evaluate(model)
+        report.shots.append(record)
+        log.info("surgeon shot %d/%d: sparsity %.4f (target %.4f)%s", shot, spec.shots, record["sparsity"], target,
+                 f", held-out ppl {record['ppl']:.3f}" if "ppl" in record else "")
+        if on_shot is not None:
+            on_shot(shot, record)
+    report.layers = report.shots[-1]["layers"]
+    if spec.mode == "structured":
+        report.kept = shrink(model, groups)
+    report.params_after = prunable_params(linears(model)) - sum(int(m.sum()) for m in masks.values())
+    return report
+
+
+def allocation(layers: dict[str, nn.Linear], groups: list[Structure], masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The fraction of each linear's weights removed so far."""
+    if masks:
+        return {name: float(masks[name].float().mean()) for name in layers}
+    gone = {name: 0 for name in layers}
+    for s in groups:
+        if s.removed:
+            for p in s.parts:
+                layer = layers[p.name]
+                gone[p.name] += len(p.index) * (layer.in_features if p.axis == 0 else layer.out_features)
+    return {name: gone[name] / layers[name].weight.numel() for name in layers}
+
+
+def _magnitude_factors(layers: dict[str, nn.Linear]) -> dict[str, kfac.Factors]:
+    """Identity curvature: the K-OBD costs become ½W², the magnitude criterion."""
+    out = {}
+    for name, layer in layers.items():
+        n_in = layer.in_features + (layer.bias is not None)
+        dev = layer.weight.device
+        out[name] = kfac.Factors(torch.eye(n_in, dtype=torch.float64, device=dev),
+                                 torch.eye(layer.out_features, dtype=torch.float64, device=dev))
+    return out
+
+
+def _structured_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Factors], groups: list[Structure],
+                     budget: float, spec: Surgeon) -> None:
+    """Remove the cheapest structures (by the sum of their parts' costs) until ``budget`` parameters are gone, never a
+    layer's last MLP unit or attention group, then update each linear for all its removed rows or columns."""
+    weights = {name: kfac.weight_matrix(l) for name, l in layers.items()}
+    diagonal = spec.obd or spec.magnitude  # costs from the diagonal, no updates
+    row_cost, col_cost = (kfac.row_costs_obd, kfac.column_costs_obd) if diagonal else (kfac.row_costs, kfac.column_costs)
+    rows = {name: row_cost(weights[name], factors[name]) for name in layers}
+    cols = {name: col_cost(weights[name], factors[name])[:layers[name].in_features] for name in layers}
+    cost = [sum(float((rows if p.axis == 0 else cols)[p.name][p.index].sum()) for p in s.parts) for s in groups]
+    removed = sum(s.params for s in groups if s.removed)
+    left: dict[tuple[int, str], int] = {}
+    for s in groups:
+        left[(s.layer, s.kind)] = left.get((s.layer, s.kind), 0) + (not s.removed)
+    for k in sorted(range(len(groups)), key=cost.__getitem__):
+        s = groups[k]
+        if removed >= budget:
+            break
+        if s.removed or left[(s.layer, s.kind)] <= 1:
+            continue
+        s.removed, removed, left[(s.layer, s.kind)] = True, removed + s.params, left[(s.layer, s.kind)] - 1
+    gone: dict[tuple[str, int], list[int]] = {}
+    for s in groups:
+        if s.removed:
+            for p in s.parts:
+                gone.setdefault((p.name, p.axis), []).extend(p.index)
+    for (name, axis), index in gone.items():
+        idx = torch.tensor(sorted(index), device=weights[name].device)
+        w, f = weights[name], factors[name]
+        if diagonal:
+            w = w.clone()
+            if axis == 0:
+                w[idx] = 0.0
+            else:
+                w[:, idx] = 0.0
+        elif axis == 0:
+            w = kfac.remove_rows(w, f, idx)
+        else:
+            w = kfac.remove_columns(w, f, idx)
+        kfac.set_weight_matrix(layers[name], w.to(layers[name].weight.dtype))
+
+
+def _element_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Factors], masks: dict[str, torch.Tensor],
+                  target: float, spec: Surgeon) -> None:
+    """Unstructured: one threshold over all layers' element costs; semistructured: the cheapest n:m groups until
+    ``target`` of the weights are zero. Removed weights stay removed (cost 0)."""
+    costs = {}
+    for name, layer in layers.items():
+        w = layer.weight.detach().double()
+        f = factors[name]
+        if layer.bias is not None:  # the bias is not pruned: its row/column of the factors drops out
+            f = kfac.Factors(f.A[:-1, :-1], f.G, _schur_inverse(f.A_inv), f.G_inv)
+        c = (kfac.element_costs_obd if spec.obd or spec.magnitude else kfac.element_costs)(w, f)
+        if name in masks:
+            c[masks[name]] = 0.0
+        costs[name] = (c, f)
+    new_masks = {}
+    if spec.mode == "unstructured":
+        threshold = _global_threshold([c for c, _ in costs.values()], target)
+        for name, (c, _) in costs.items():
+            new_masks[name] = c <= threshold
+    else:
+        group = {}
+        for name, (c, _) in costs.items():
+            if c.shape[1] % spec.m:
+                raise ValueError(f"surgeon.m: {name} has {c.shape[1]} inputs, not a multiple of {spec.m}")
+            group[name] = kfac.nm_costs(c, spec.n, spec.m)
+        # Fraction of groups to prune now: target / (n/m); already pruned groups cost 0 and come first.
+        fraction = target / (spec.n / spec.m)
+        threshold = _global_threshold([g for g, _ in group.values()], fraction)
+        for name, (g, mask) in group.items():
+            chosen = (g <= threshold).repeat_interleave(spec.m, dim=1)
+            new_masks[name] = mask & chosen
+    for name, layer in layers.items():
+        mask = new_masks[name]
+        w = layer.weight.detach().double()
+        if spec.obd or spec.magnitude:
+            w = w.masked_fill(mask, 0.0)
+        else:
+            fresh = mask & ~masks[name] if name in masks else mask
+            f = costs[name][1]
+            w = kfac.remove_elements(w, f, fresh, spec.max_correlate)
+            w[mask] = 0.0
+        with torch.no_grad():
+            layer.weight.copy_(w.to(layer.weight.dtype))
+        masks[name] = mask
+
+
+def _schur_inverse(a_inv: torch.Tensor) -> torch.Tensor:
+    """Inverse of A without its last row/column, from the inverse of A (the bias input held fixed)."""
+    return a_inv[:-1, :-1] - torch.outer(a_inv[:-1, -1], a_inv[-1, :-1]) / a_inv[-1, -1]
+
+
+def _global_threshold(costs: Sequence[torch.Tensor], fraction: float) -> float:
+    """The cost below which ``fraction`` of all entries lie (one threshold across layers)."""
+    flat = torch.cat([c.flatten().double().cpu() for c in costs])  # the costs own precision: no ties from rounding
+    k = int(round(fraction * len(flat)))
+    if k <= 0:
+        return -math.inf
+    return float(flat.kthvalue(min(k, len(flat))).values)
+
+
+# -- physically smaller matrices ----------------------------------------------------------------------------------
+def shrink(model: PreTrainedModel, groups: list[Structure]) -> dict[str, Any]:
+    """Slice removed structures out of the weights and record per-layer widths in the config
+    (``chop_widths``: MLP units and key/value heads per layer; uniform widths also set the config's own fields)."""
+    config = model.config.get_text_config()
+    arch = architecture(config)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    rep = config.num_attention_heads // kv
+    layers = linears(model)
+    keep: dict[tuple[str, int], set[int]] = {}
+    for s in groups:
+        for p in s.parts:
+            full = layers[p.name].out_features if p.axis == 0 else layers[p.name].in_features
+            keep.setdefault((p.name, p.axis), set(range(full)))
+            if s.removed:
+                keep[(p.name, p.axis)] -= set(p.index)
+    for (name, axis), idx in keep.items():
+        _slice(model, name, axis, sorted(idx))
+    widths = []
+    for i, block in enumerate(decoder_layers(model)):
+        mods = dict(block.named_modules())
+        units = mods[arch.mlp_out].in_features
+        heads = sum(1 for s in groups if s.layer == i and s.kind == "attention" and not s.removed)
+        widths.append({"intermediate_size": units, "num_key_value_heads": heads, "num_attention_heads": heads * rep})
+        attn = mods[arch.attention[0].rsplit(".", 1)[0]]
+        for attr, value in (("num_heads", heads * rep), ("num_key_value_heads", heads), ("num_attention_heads", heads * rep)):
+            if hasattr(attn, attr):
+                setattr(attn, attr, value)
+    set_widths(model.config, widths)
+    return {"widths": widths}
+
+
+def _slice(model: nn.Module, name: str, axis: int, index: list[int]) -> None:
+    old: nn.Linear = model.get_submodule(name)
+    idx = torch.tensor(index, dtype=torch.long, device=old.weight.device)
+    weight = old.weight.detach().index_select(axis, idx)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=old.bias is not None, device=old.weight.device,
+                    dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias.detach()[idx] if axis == 0 else old.bias.detach())
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)
+
+
+def set_widths(config: Any, widths: list[dict[str, int]]) -> None:
+    """Record per-layer widths; where every layer has the same, the config's own fields say it (plain
+    ``from_pretrained`` then builds the right shapes) and ``chop_widths`` is not needed for that field."""
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    uniform = {k: widths[0][k] for k in widths[0] if all(w[k] == widths[0][k] for w in widths)}
+    if text.model_type != "opt" and "num_key_value_heads" in uniform and "num_attention_heads" in uniform:
+        text.head_dim = head_dim  # explicit, since it no longer equals hidden_size / heads
+        text.num_attention_heads, text.num_key_value_heads = uniform["num_attention_heads"], uniform["num_key_value_heads"]
+        heads_uniform = True
+    else:
+        heads_uniform = False
+    mlp_field = "ffn_dim" if text.model_type == "opt" else "intermediate_size"
+    if "intermediate_size" in uniform:
+        setattr(text, mlp_field, uniform["intermediate_size"])
+    if not heads_uniform or "intermediate_size" not in uniform:
+        text.chop_widths = widths
+    elif hasattr(text, "chop_widths"):
+        del text.chop_widths
+
+
+def apply_widths(model: PreTrainedModel) -> PreTrainedModel:
+    """Give a freshly built model the per-layer shapes its config's ``chop_widths`` records (weights: load next)."""
+    config = model.config.get_text_config()
+    widths = getattr(config, "chop_widths", None)
+    if not widths:
+        return model
+    arch = architecture(config)
+    for i, (block, w) in enumerate(zip(decoder_layers(model), widths)):
+        mods = dict(block.named_modules())
+        prefix = f"{arch.layers}.{i}."
+        for name in arch.mlp_in:
+            _slice(model, prefix + name, 0, list(range(w["intermediate_size"])))
+        _slice(model, prefix + arch.mlp_out, 1, list(range(w["intermediate_size"])))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        q_rows, kv_rows = list(range(w["num_attention_heads"] * head_dim)), list(range(w["num_key_value_heads"] * head_dim))
+        _slice(model, prefix + arch.attention[0], 0, q_rows)
+        _slice(model, prefix + arch.attention[1], 0, kv_rows)
+        _slice(model, prefix + arch.attention[2], 0, kv_rows)
+        _slice(model, prefix + arch.attention[3], 1, q_rows)
+        attn = mods[arch.attention[0].rsplit(".", 1)[0]]
+        for attr, value in (("num_heads", w["num_attention_heads"]), ("num_key_value_heads", w["num_key_value_heads"]),
+                            ("num_attention_heads", w["num_attention_heads"])):
+            if hasattr(attn, attr):
+                setattr(attn, attr, value)
+    return model
