@@ -117,8 +117,9 @@ def element_costs(w: torch.Tensor, f: Factors) -> torch.Tensor:
 
 
 def element_costs_obd(w: torch.Tensor, f: Factors) -> torch.Tensor:
-    """K-OBD: the diagonal of G ⊗ A, no inverse: ½ W_ij² G_ii A_jj."""
-    return 0.5 * w**2 * torch.outer(f.G.diagonal(), f.A.diagonal())
+    """K-OBD: the diagonal of G ⊗ A, no inverse: ½ W_ij² G_ii A_jj (factors given as matrices or their diagonals)."""
+    diag = lambda m: m if m.dim() == 1 else m.diagonal()  # noqa: E731
+    return 0.5 * w**2 * torch.outer(diag(f.G), diag(f.A))
 
 
 def row_costs(w: torch.Tensor, f: Factors) -> torch.Tensor:
