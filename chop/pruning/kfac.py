@@ -3,7 +3,8 @@ weight updates under it (arXiv 2312.17244).
 
 For a linear layer ``y = W a`` (W: out x in) the Fisher of its weights is approximated by ``G ⊗ A`` with
 ``A = E[a aᵀ]`` over its inputs (plus a constant 1 when the layer has a bias, so the bias is the last column of W)
-and ``G = E[g gᵀ]`` over the gradients of the loss with respect to its outputs. Everything here is float64.
+and ``G = E[g gᵀ]`` over the gradients of the loss with respect to its outputs. The factors, their inverses, costs and
+updates are float64.
 """
 
 from __future__ import annotations
@@ -64,21 +65,22 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
     sums: dict[str, list] = {name: [None, None] for name in layers}
     count = [0]
 
+    def accumulate(name: str, i: int, x: torch.Tensor) -> None:
+        # Each batch's moment in float32 (float64 for a float64 model), summed over batches in float64.
+        x = x.detach().flatten(0, -2)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        x = x.to(device) if device is not None else x
+        moment = (x.T @ x).double()
+        sums[name][i] = moment if sums[name][i] is None else sums[name][i].add_(moment)
+
     def forward_hook(name: str):
         def fn(module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
-            a = args[0].detach().flatten(0, -2).double()
+            a = args[0]
             if module.bias is not None:
-                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-            a = a.to(device) if device is not None else a
-            sums[name][0] = a.T @ a if sums[name][0] is None else sums[name][0].addmm_(a.T, a)
-            output.register_hook(backward_hook(name))
-        return fn
-
-    def backward_hook(name: str):
-        def fn(grad: torch.Tensor) -> None:
-            g = grad.detach().flatten(0, -2).double()
-            g = g.to(device) if device is not None else g
-            sums[name][1] = g.T @ g if sums[name][1] is None else sums[name][1].addmm_(g.T, g)
+                a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+            accumulate(name, 0, a)
+            if output.requires_grad:
+                output.register_hook(lambda grad: accumulate(name, 1, grad))
         return fn
 
     handles = [layer.register_forward_hook(forward_hook(name)) for name, layer in layers.items()]

@@ -46,6 +46,9 @@ class Surgeon:
         max_correlate: unstructured/semistructured: weights whose updates are solved jointly, per chunk.
         factors_device: where the curvature factors accumulate (``cpu`` saves GPU memory).
         batch_size: calibration sequences per forward/backward pass.
+        update_rows: structured: also give the linears whose rows are removed (q/k/v, up/gate) the correlated row
+            update. Off by default: a removed unit's outputs feed only the columns removed with it, so the column
+            update of the consuming linear (o, down) is the compensation; updating both compensates twice.
         align: structured: every layer keeps a multiple of this many MLP units, so the sliced matrices stay fast on
             GPUs (an odd width, e.g. 3,943, runs a bf16 matmul ~6x slower than 3,944 on an H100); 1: exact target.
     """
@@ -65,6 +68,7 @@ class Surgeon:
     max_correlate: int = 2048
     factors_device: Optional[str] = None
     batch_size: int = 4
+    update_rows: bool = False
     align: int = 8
 
     def check(self, config: Any) -> None:
@@ -246,7 +250,8 @@ def _magnitude_factors(layers: dict[str, nn.Linear]) -> dict[str, kfac.Factors]:
 def _structured_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Factors], groups: list[Structure],
                      budget: float, spec: Surgeon) -> None:
     """Remove the cheapest structures (by the sum of their parts' costs) until ``budget`` parameters are gone, never a
-    layer's last MLP unit or attention group, then update each linear for all its removed rows or columns."""
+    layer's last MLP unit or attention group, then give each consuming linear the correlated update for all its
+    removed columns (and, with ``update_rows``, each producing linear the update for its rows)."""
     weights = {name: kfac.weight_matrix(l) for name, l in layers.items()}
     diagonal = spec.obd or spec.magnitude  # costs from the diagonal, no updates
     row_cost, col_cost = (kfac.row_costs_obd, kfac.column_costs_obd) if diagonal else (kfac.row_costs, kfac.column_costs)
@@ -282,10 +287,13 @@ def _structured_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Facto
                 w[idx] = 0.0
             else:
                 w[:, idx] = 0.0
-        elif axis == 0:
-            w = kfac.remove_rows(w, f, idx)
-        else:
+        elif axis == 1:
             w = kfac.remove_columns(w, f, idx)
+        elif spec.update_rows:
+            w = kfac.remove_rows(w, f, idx)
+        else:  # the removed outputs feed only the removed columns: nothing downstream to compensate for
+            w = w.clone()
+            w[idx] = 0.0
         kfac.set_weight_matrix(layers[name], w.to(layers[name].weight.dtype))
 
 
