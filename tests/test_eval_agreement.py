@@ -38,7 +38,11 @@ def test_metrics_equal_lm_eval(both):
 
 
 def test_per_example_loglikelihoods_agree(both):
+    """Within 1e-4, or 1e-6 of the log-likelihood for long continuations: the float32 resolution of a sum over
+    hundreds of tokens, whose rounding differs with the batch layout (chop scores choices that share a context in one
+    row; lm-eval one row per choice). The largest difference per task is printed."""
     ours, theirs = both
+    bad = []
     for name, result in ours.items():
         samples = [s for k, v in theirs["samples"].items() if k == name or k.startswith(f"{name}_") for s in v]
         assert len(samples) == result.n, name
@@ -46,10 +50,15 @@ def test_per_example_loglikelihoods_agree(both):
             samples = sorted(samples, key=lambda s: (s["doc"]["subject"], s["doc_id"]))
         else:
             samples = sorted(samples, key=lambda s: s["doc_id"])
-        worst = 0.0
+        worst, worst_rel = 0.0, 0.0
         for mine, ref in zip(result.samples, samples):
             lls = mine["lls"] if "lls" in mine else [mine["ll"]]
-            theirs_lls = [r[0] for r in ref["filtered_resps"]]
+            theirs_lls = [float(r[0]) for r in ref["filtered_resps"]]
             assert len(lls) == len(theirs_lls), name
-            worst = max(worst, max(abs(a - float(b)) for a, b in zip(lls, theirs_lls)))
-        assert worst < 1e-4, (name, worst)
+            for a, b in zip(lls, theirs_lls):
+                worst = max(worst, abs(a - b))
+                worst_rel = max(worst_rel, abs(a - b) / max(abs(b), 1.0))
+                if abs(a - b) > 1e-4 + 1e-6 * abs(b):
+                    bad.append((name, a, b))
+        print(f"{name}: largest per-example difference {worst:.2e} (relative {worst_rel:.2e})")
+    assert not bad, bad[:5]
