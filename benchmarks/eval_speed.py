@@ -3,10 +3,11 @@
     python benchmarks/eval_speed.py --model DIR --data_dir DIR [--tasks just_chop] [--limit N] [--llama_1b]
 
 Both end to end: model and data loading, tokenisation, scoring, metrics. chop: ``python -m chop eval``'s ``run``
-(bf16, batch size auto). lm-eval 0.4.13: ``simple_evaluate(model="hf", dtype=bfloat16, batch_size=64)`` with its
+(``--dtype``, default bf16; batch size auto). lm-eval 0.4.13: ``simple_evaluate(model="hf", dtype, batch_size=64)`` with its
 own task definitions, its ``load_dataset`` pointed at the rows of ``--data_dir`` (chop.eval.reference). Reports
 both times, the ratio, every metric side by side and the largest per-example log-likelihood difference.
-``--float32_reference`` scores once more in float32 and says how far each bf16 run is from it. ``--llama_1b`` adds a random-init Llama of about 1B parameters (hidden 2048, 16 layers, MLP 8192, the model's
+``--float32_reference`` scores once more in float32 and says how far each bf16 run is from it; more than one
+``--lm_eval_batch`` reruns lm-eval at those batch sizes and says whether its own numbers change. ``--llama_1b`` adds a random-init Llama of about 1B parameters (hidden 2048, 16 layers, MLP 8192, the model's
 tokenizer), the compute-bound case. Prints a table and writes eval_speed.json (to $OUT, else benchmarks/results/).
 """
 
@@ -26,31 +27,43 @@ def compare(model_dir: str, args, label: str) -> dict:
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    ours = run(model_dir, args.tasks, limit=args.limit, data_dir=args.data_dir, samples=True)
+    ours = run(model_dir, args.tasks, limit=args.limit, data_dir=args.data_dir, samples=True, dtype=args.dtype)
     torch.cuda.synchronize()
     chop_s = time.perf_counter() - t0
     torch.cuda.empty_cache()
-    t0 = time.perf_counter()
-    theirs = run_lm_eval(model_dir, list(ours["results"]), limit=args.limit, data_dir=args.data_dir,
-                         batch_size=args.lm_eval_batch, dtype="bfloat16", device="cuda")
-    lm_eval_s = time.perf_counter() - t0
+    runs, lm_eval_s = [], None
+    for batch in args.lm_eval_batch:
+        t0 = time.perf_counter()
+        runs.append(run_lm_eval(model_dir, list(ours["results"]), limit=args.limit, data_dir=args.data_dir,
+                                batch_size=batch, dtype=args.dtype, device="cuda"))
+        lm_eval_s = lm_eval_s or time.perf_counter() - t0  # the first batch size is the timed one
+    theirs = runs[0]
     metrics = {}
     lls = {"chop": {}, "lm_eval": {}}
     for task, r in ours["results"].items():
         for m in ("acc", "acc_norm"):
             if m in r:
-                metrics[f"{task}/{m}"] = (r[m], theirs["results"][task][f"{m},none"])
+                metrics[f"{task}/{m}"] = (r[m], *(t["results"][task][f"{m},none"] for t in runs))
         lls["chop"][task] = [s["lls"] for s in ours["samples"][task]]
-        lls["lm_eval"][task] = [[float(x[0]) for x in s["filtered_resps"]]
-                                for s in sorted(theirs["samples"][task], key=lambda s: s["doc_id"])]
+        lls["lm_eval"][task] = _lm_eval_lls(theirs, task)
     worst, flips = differ(lls["chop"], lls["lm_eval"])
-    out = {"model": label, "chop_s": chop_s, "lm_eval_s": lm_eval_s, "speedup": lm_eval_s / chop_s,
-           "metrics": metrics, "identical": all(a == b for a, b in metrics.values()),
-           "max_ll_diff": worst, "argmax_flips": flips,
+    out = {"model": label, "dtype": args.dtype, "chop_s": chop_s, "lm_eval_s": lm_eval_s,
+           "speedup": lm_eval_s / chop_s, "lm_eval_batch": args.lm_eval_batch, "metrics": metrics,
+           "identical": all(v[0] == v[1] for v in metrics.values()), "max_ll_diff": worst, "argmax_flips": flips,
            "requests": sum(len(s["lls"]) for v in ours["samples"].values() for s in v)}
-    print(f"\n{label}: chop {chop_s:.1f} s, lm-eval {lm_eval_s:.1f} s, {out['speedup']:.1f}x; "
-          f"{out['requests']:,} requests; metrics identical: {out['identical']}; largest per-example log-likelihood "
-          f"difference {worst:.2e}; choices where the two pick differently: {flips}", flush=True)
+    print(f"\n{label} ({args.dtype}): chop {chop_s:.1f} s, lm-eval (batch {args.lm_eval_batch[0]}) {lm_eval_s:.1f} s, "
+          f"{out['speedup']:.1f}x; {out['requests']:,} requests; metrics identical: {out['identical']}; largest "
+          f"per-example log-likelihood difference {worst:.2e}; choices where the two pick differently: {flips}",
+          flush=True)
+    out["lm_eval_self"] = {}
+    for j in range(1, len(runs)):  # does lm-eval agree with itself at another batch size?
+        worst, flips = differ(lls["lm_eval"], {task: _lm_eval_lls(runs[j], task) for task in lls["lm_eval"]})
+        same = sum(v[1] == v[1 + j] for v in metrics.values())
+        batch = args.lm_eval_batch[j]
+        out["lm_eval_self"][batch] = {"max_ll_diff": worst, "argmax_flips": flips, "metrics_equal": same,
+                                      "metrics": len(metrics)}
+        print(f"  lm-eval batch {batch} against batch {args.lm_eval_batch[0]}: largest log-likelihood difference "
+              f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}")
     if args.float32_reference:  # which bf16 run is nearer the float32 numbers (chop float32 = lm-eval float32 on CPU)
         exact = run(model_dir, args.tasks, limit=args.limit, data_dir=args.data_dir, samples=True, dtype="float32")
         truth = {task: [s["lls"] for s in v] for task, v in exact["samples"].items()}
@@ -58,11 +71,16 @@ def compare(model_dir: str, args, label: str) -> dict:
         for name, got in lls.items():
             worst, flips = differ(got, truth)
             out["vs_float32"][name] = {"max_ll_diff": worst, "argmax_flips": flips}
-            print(f"  {name} bf16 against float32: largest log-likelihood difference {worst:.3f}, "
+            print(f"  {name} {args.dtype} against float32: largest log-likelihood difference {worst:.3f}, "
                   f"choices picked differently {flips}")
-    for k, (a, b) in metrics.items():
-        print(f"  {k:<24}{a:>8.4f}{b:>8.4f}")
+    print(f"  {'metric':<24}{'chop':>8}" + "".join(f"{'lm-eval b' + str(b):>14}" for b in args.lm_eval_batch))
+    for k, v in metrics.items():
+        print(f"  {k:<24}{v[0]:>8.4f}" + "".join(f"{x:>14.4f}" for x in v[1:]))
     return out
+
+
+def _lm_eval_lls(result: dict, task: str) -> list[list[float]]:
+    return [[float(x[0]) for x in s["filtered_resps"]] for s in sorted(result["samples"][task], key=lambda s: s["doc_id"])]
 
 
 def differ(a: dict, b: dict) -> tuple[float, int]:
@@ -81,7 +99,9 @@ def main() -> None:
     p.add_argument("--data_dir", required=True, help="<task>/ folders of documents, as `chop eval --data_dir`")
     p.add_argument("--tasks", default="just_chop")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--lm_eval_batch", type=int, default=64)
+    p.add_argument("--lm_eval_batch", type=int, nargs="+", default=[64],
+                   help="lm-eval's batch size (the first is timed; more: whether lm-eval's numbers change with it)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="both engines' dtype")
     p.add_argument("--llama_1b", action="store_true")
     p.add_argument("--float32_reference", action="store_true", help="also score in float32: which bf16 run is nearer")
     p.add_argument("--limit_1b", type=int, default=None, help="documents per task for the 1B model")

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from chop.models.registry import architecture, decoder_layers
-from chop.pruning import kfac
+from chop.pruning import kfac, lora
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ class Surgeon:
             update of the consuming linear (o, down) is the compensation; updating both compensates twice.
         align: structured: every layer keeps a multiple of this many MLP units, so the sliced matrices stay fast on
             GPUs (an odd width, e.g. 3,943, runs a bf16 matmul ~6x slower than 3,944 on an H100); 1: exact target.
+        lora_rank: > 0: after each shot, first-order updates: rank-``lora_rank`` adapters on every decoder linear,
+            trained by the LM loss on calibration batches with pruned entries masked, then merged (0: off).
+        lora_lr: the adapters' learning rate (AdamW, one step per batch).
+        lora_fraction: the share of the calibration batches each shot but the last trains on (a different share
+            each shot).
+        lora_final: the share after the last shot (the paper's longer final pass).
     """
 
     mode: str = "structured"
@@ -70,6 +76,10 @@ class Surgeon:
     batch_size: int = 4
     update_rows: bool = False
     align: int = 8
+    lora_rank: int = 0
+    lora_lr: float = 1e-4
+    lora_fraction: float = 0.1
+    lora_final: float = 1.0
 
     def check(self, config: Any) -> None:
         """Refuse bad settings, and models without what the mode needs, before any weights or data load."""
@@ -90,6 +100,13 @@ class Surgeon:
             raise ValueError("surgeon.obd and surgeon.magnitude: choose one baseline")
         if self.damping_a < 0 or self.damping_g < 0:
             raise ValueError("surgeon.damping_a/damping_g must be >= 0")
+        if self.lora_rank < 0 or self.lora_lr <= 0:
+            raise ValueError(f"surgeon.lora_rank ({self.lora_rank}) must be >= 0 (0: off) and surgeon.lora_lr "
+                             f"({self.lora_lr}) > 0")
+        for name in ("lora_fraction", "lora_final"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"surgeon.{name}: {getattr(self, name)} must be in (0, 1], a share of the "
+                                 f"calibration batches")
         arch = architecture(config)  # an unknown architecture: an error that says how to register it
         if self.mode == "structured" and (arch.attention is None or arch.mlp_in is None):
             raise ValueError(f"surgeon.mode: structured pruning needs separate attention and MLP linears, which chop's "
@@ -213,6 +230,10 @@ def prune(model: PreTrainedModel, spec: Surgeon, batches: Sequence[torch.Tensor]
         del factors
         record = {"shot": shot, "target": target, "sparsity": removed / total,
                   "layers": allocation(layers, groups, masks)}
+        if spec.lora_rank:
+            share = _share(batches, spec.lora_final if shot == spec.shots else spec.lora_fraction, shot)
+            record["lora_loss"] = lora.train(model, layers, _kept(layers, groups, masks), share, spec.lora_rank,
+                                             spec.lora_lr)
         if evaluate is not None:
             record["ppl"] = evaluate(model)
         report.shots.append(record)
@@ -240,6 +261,25 @@ def allocation(layers: dict[str, nn.Linear], groups: list[Structure], masks: dic
     return {name: gone[name] / layers[name].weight.numel() for name in layers}
 
 
+def _share(batches: Sequence[torch.Tensor], fraction: float, shot: int) -> list[torch.Tensor]:
+    """``fraction`` of the batches, a different run of them each shot (wrapping around)."""
+    k = max(1, round(fraction * len(batches)))
+    return [batches[((shot - 1) * k + i) % len(batches)] for i in range(k)]
+
+
+def _kept(layers: dict[str, nn.Linear], groups: list[Structure], masks: dict[str, torch.Tensor]) -> dict[str, lora.Keep]:
+    """What each linear keeps, for the adapters: removed rows and columns (structured) or weights (masks) are 0."""
+    if masks:
+        return {name: (~masks[name]).float() for name in layers}
+    keep = {name: (torch.ones(l.out_features, device=l.weight.device), torch.ones(l.in_features, device=l.weight.device))
+            for name, l in layers.items()}
+    for s in groups:
+        if s.removed:
+            for p in s.parts:
+                keep[p.name][p.axis][p.index] = 0.0
+    return keep
+
+
 def _magnitude_factors(layers: dict[str, nn.Linear]) -> dict[str, kfac.Factors]:
     """Identity curvature (as diagonals): the K-OBD costs become ½W², the magnitude criterion."""
     ones = lambda n, layer: torch.ones(n, dtype=torch.float64, device=layer.weight.device)  # noqa: E731
@@ -255,9 +295,10 @@ def _structured_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Facto
     weights = {name: kfac.weight_matrix(l) for name, l in layers.items()}
     diagonal = spec.obd or spec.magnitude  # costs from the diagonal, no updates
     row_cost, col_cost = (kfac.row_costs_obd, kfac.column_costs_obd) if diagonal else (kfac.row_costs, kfac.column_costs)
-    rows = {name: row_cost(weights[name], factors[name]) for name in layers}
-    cols = {name: col_cost(weights[name], factors[name])[:layers[name].in_features] for name in layers}
-    cost = [sum(float((rows if p.axis == 0 else cols)[p.name][p.index].sum()) for p in s.parts) for s in groups]
+    # Plain Python lists: tens of thousands of small index sums, no device round trip each.
+    parts = {(name, 0): row_cost(weights[name], factors[name]).tolist() for name in layers}
+    parts |= {(name, 1): col_cost(weights[name], factors[name])[:layers[name].in_features].tolist() for name in layers}
+    cost = [sum(sum(parts[p.name, p.axis][i] for i in p.index) for p in s.parts) for s in groups]
     removed = sum(s.params for s in groups if s.removed)
     left: dict[tuple[int, str], int] = {}
     for s in groups:
