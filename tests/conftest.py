@@ -67,3 +67,16 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus.jsonl", 64)
+
+
+def scalars(logdir):
+    """Every scalar in a TensorBoard log directory, by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for ev in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return out

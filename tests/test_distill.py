@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_tokenizer
-from test_training import FIX, TINY_DISTILL, args, run_cli, scalars
+from conftest import TINY, make_tokenizer, scalars
+from test_training import FIX, TINY_DISTILL, args, run_cli
 from torch import nn
 from transformers import AutoConfig
 

@@ -211,7 +211,8 @@ def test_chop_eval_prints_a_table_and_writes_json(tmp_path, capsys, model, token
 
 
 def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
-    from test_training import args, scalars
+    from conftest import scalars
+    from test_training import args
 
     from chop.cli import cli_main
 

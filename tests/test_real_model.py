@@ -73,7 +73,7 @@ def test_smollm2_teaches_its_own_chop(tmp_path):
                     "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=16", "--trainer.limit_val_batches=2",
                     "--trainer.num_sanity_val_steps=0", "--data.seq_len=64", "--data.val_blocks=8",
                     "--model.optim.warmup_steps=2", "--model.export_on_end=false"])
-    from test_training import scalars
+    from conftest import scalars
 
     tb = scalars(tmp_path / "quickstart_distill")
     for key in ("train/loss", "train/lm", "train/logits", "train/hidden"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, scalars
 
 from chop.models.loading import load_model
 from chop.pruning import kfac
@@ -260,12 +260,13 @@ def test_chop_prune_writes_a_smaller_model_a_report_and_tensorboard(tmp_path):
     from chop.cli import main
 
     model = tiny_model_dir(tmp_path)
-    main(prune_args(tmp_path, model, tmp_path / "out"))
+    main(prune_args(tmp_path, model, tmp_path / "out", "--surgeon.lora_rank", "4"))
     report = json.loads((tmp_path / "out" / "surgeon.json").read_text())
     assert report["mode"] == "structured" and len(report["shots"]) == 2 and report["dense_ppl"] > 1
-    assert all(r["ppl"] > 1 for r in report["shots"])
+    assert all(r["ppl"] > 1 and r["lora_loss"] > 0 for r in report["shots"]) and report["settings"]["lora_rank"] == 4
     assert 0.3 <= 1 - report["params_after"] / report["params_before"] < 0.4
-    assert list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+    logged = scalars(tmp_path / "out" / "tensorboard")
+    assert {"surgeon/ppl", "surgeon/sparsity", "surgeon/lora_loss"} <= set(logged)
     pruned = load_model(str(tmp_path / "out"))
     assert prunable_params(linears(pruned)) == report["params_after"]
     with pytest.raises(FileExistsError, match="--out"):  # never over a saved result

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import scalars
 from transformers import AutoModelForCausalLM
 
 from chop.cli import cli_main, export
@@ -45,18 +46,6 @@ def run_cli(*argv, check=True):
 
 def steps(path):
     return [json.loads(line) for line in open(f"{path}.rank0")]
-
-
-def scalars(logdir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = {}
-    for ev in sorted(Path(logdir).glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(ev))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
-    return out
 
 
 def test_fit_logs_checkpoints_and_exports(tmp_path):

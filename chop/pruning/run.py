@@ -120,6 +120,8 @@ def run(model: str, out: str, surgeon: Surgeon = Surgeon(), calibration: Text = 
         writer.add_scalar("surgeon/sparsity", record["sparsity"], shot)
         if "ppl" in record:
             writer.add_scalar("surgeon/ppl", record["ppl"], shot)
+        if "lora_loss" in record:
+            writer.add_scalar("surgeon/lora_loss", record["lora_loss"], shot)
         _log_layers(writer, record["layers"], shot)
 
     report = prune(net, surgeon, batches, evaluate=(lambda m: perplexity(m, test)) if test else None, on_shot=on_shot)
