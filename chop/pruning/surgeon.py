@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -170,6 +170,11 @@ def structures(model: PreTrainedModel) -> list[Structure]:
     return out
 
 
+def removed_parts(groups: list[Structure]) -> Iterator[Part]:
+    """The rows and columns of every structure removed so far."""
+    return (p for s in groups if s.removed for p in s.parts)
+
+
 def _params(mods: dict[str, nn.Module], parts: list[Part], prefix: str) -> int:
     n = 0
     for part in parts:
@@ -253,11 +258,9 @@ def allocation(layers: dict[str, nn.Linear], groups: list[Structure], masks: dic
     if masks:
         return {name: float(masks[name].float().mean()) for name in layers}
     gone = {name: 0 for name in layers}
-    for s in groups:
-        if s.removed:
-            for p in s.parts:
-                layer = layers[p.name]
-                gone[p.name] += len(p.index) * (layer.in_features if p.axis == 0 else layer.out_features)
+    for p in removed_parts(groups):
+        layer = layers[p.name]
+        gone[p.name] += len(p.index) * (layer.in_features if p.axis == 0 else layer.out_features)
     return {name: gone[name] / layers[name].weight.numel() for name in layers}
 
 
@@ -273,10 +276,8 @@ def _kept(layers: dict[str, nn.Linear], groups: list[Structure], masks: dict[str
         return {name: (~masks[name]).float() for name in layers}
     keep = {name: (torch.ones(l.out_features, device=l.weight.device), torch.ones(l.in_features, device=l.weight.device))
             for name, l in layers.items()}
-    for s in groups:
-        if s.removed:
-            for p in s.parts:
-                keep[p.name][p.axis][p.index] = 0.0
+    for p in removed_parts(groups):
+        keep[p.name][p.axis][p.index] = 0.0
     return keep
 
 
@@ -315,10 +316,8 @@ def _structured_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Facto
     if spec.align > 1:
         _align(groups, cost, new, spec.align)
     gone: dict[tuple[str, int], list[int]] = {}
-    for s in groups:
-        if s.removed:
-            for p in s.parts:
-                gone.setdefault((p.name, p.axis), []).extend(p.index)
+    for p in removed_parts(groups):
+        gone.setdefault((p.name, p.axis), []).extend(p.index)
     for (name, axis), index in gone.items():
         idx = torch.tensor(sorted(index), device=weights[name].device)
         w, f = weights[name], factors[name]
