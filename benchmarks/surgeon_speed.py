@@ -2,7 +2,7 @@
 (costs, selection, correlated updates) on a random-init Llama of about 1B parameters, with peak memory, and the
 time extrapolated to Llama-2-7B at the paper's 40 shots.
 
-    python benchmarks/surgeon_speed.py [--samples 128] [--seq 2048] [--sparsity 0.3]
+    python benchmarks/surgeon_speed.py [--samples 128] [--seq 2048] [--sparsity 0.3] [--blocks_per_pass K]
 
 Measured parts: forward+backward over the calibration set alone (``fb``), the same with the factor hooks
 (``collect``; hooks = collect - fb), inverting the factors, one shot's selection and updates. Extrapolation: each part
@@ -38,17 +38,23 @@ def main() -> None:
     p.add_argument("--mlp", type=int, default=5632)  # TinyLlama-1.1B's shape
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--kv_heads", type=int, default=4)
+    p.add_argument("--blocks_per_pass", type=int, default=0,
+                   help="also run one whole shot with the curvature gathered this many blocks at a time")
     args = p.parse_args()
 
     from chop.models.loading import load_model
     from chop.pruning import kfac
-    from chop.pruning.surgeon import Surgeon, _structured_shot, linears, structures
+    from chop.pruning.surgeon import Surgeon, _structured_shot, linears, prune, structures
 
-    torch.manual_seed(0)
     cfg = dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
                num_attention_heads=32, num_key_value_heads=args.kv_heads, vocab_size=32000, max_position_embeddings=args.seq)
-    with torch.device("cuda"):
-        model = load_model(config=cfg, dtype="bfloat16")
+
+    def build():
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            return load_model(config=cfg, dtype="bfloat16")
+
+    model = build()
     n_params = sum(p.numel() for p in model.parameters())
     batches = [torch.randint(0, 32000, (args.batch, args.seq + 1), device="cuda")
                for _ in range(args.samples // args.batch)]
@@ -76,9 +82,18 @@ def main() -> None:
     factor_gib = sum(t.numel() * 8 for f in factors.values() for t in (f.A, f.G, f.A_inv, f.G_inv)) / 2**30
     groups = structures(model)
     total = sum(l.weight.numel() for l in layers.values())
-    _, shot = timed(lambda: _structured_shot(layers, factors, groups, args.sparsity * total, Surgeon(sparsity=args.sparsity)))
+    _, shot = timed(lambda: _structured_shot(layers, [factors], groups, args.sparsity * total, Surgeon(sparsity=args.sparsity)))
     peak = torch.cuda.max_memory_allocated() / 2**30
     hooks = collect - fb
+
+    if args.blocks_per_pass:  # the same shot as one call, the curvature of a few blocks resident at a time
+        del factors, model, layers
+        model = build()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        _, blockwise = timed(lambda: prune(model, Surgeon(sparsity=args.sparsity, shots=1, blocks_per_pass=args.blocks_per_pass),
+                                           batches))
+        blockwise_peak = torch.cuda.max_memory_allocated() / 2**30
 
     # Extrapolate to Llama-2-7B (hidden 4096, MLP 11008, 32 layers, 32 heads), 128 x 4096 tokens, 40 shots.
     small = linear_dims(args.hidden, args.mlp, args.layers, args.kv_heads, 32)
@@ -97,6 +112,9 @@ def main() -> None:
             ("Llama-2-7B, one shot, extrapolated (s)", f"{per_shot_7b:.0f}"),
             ("Llama-2-7B, 40 shots, extrapolated (h)", f"{40 * per_shot_7b / 3600:.2f}"),
             ("Llama-2-7B factors, float64 (GiB)", f"{sq(big) * 2 * 8 / 2**30:.0f}")]
+    if args.blocks_per_pass:
+        rows += [(f"one shot, {args.blocks_per_pass} blocks per curvature pass (s)", f"{blockwise:.2f}"),
+                 (f"peak GPU memory, {args.blocks_per_pass} blocks per pass (GiB)", f"{blockwise_peak:.1f}")]
     print(f"\nLLM Surgeon on {torch.cuda.get_device_name()}")
     for k, v in rows:
         print(f"  {k:<55}{v:>12}")
@@ -106,7 +124,9 @@ def main() -> None:
                                "fb_s": fb, "collect_s": collect, "invert_s": invert, "shot_s": shot,
                                "factors_gib": factor_gib, "peak_gib": peak, "llama2_7b_shot_s": per_shot_7b,
                                "llama2_7b_40_shots_h": 40 * per_shot_7b / 3600,
-                               "llama2_7b_factors_gib": sq(big) * 2 * 8 / 2**30}, indent=2))
+                               "llama2_7b_factors_gib": sq(big) * 2 * 8 / 2**30,
+                               **({"blockwise_shot_s": blockwise, "blockwise_peak_gib": blockwise_peak}
+                                  if args.blocks_per_pass else {})}, indent=2))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,26 @@ def test_unstructured_and_semistructured_masks():
         assert ((layer.weight.view(layer.out_features, -1, 4) == 0).sum(-1) == 2).all()
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_curvature_block_by_block_prunes_exactly_as_all_at_once(arch, monkeypatch):
+    """blocks_per_pass: each pass gathers the factors of at most that many blocks (so only theirs are resident), and
+    the pruned model is the one that all factors at once give."""
+    calls = []
+    collect = kfac.collect
+    monkeypatch.setattr(kfac, "collect", lambda model, layers, *a: calls.append(sorted(layers)) or collect(model, layers, *a))
+    pruned = {}
+    for per_pass in (0, 2):
+        torch.manual_seed(0)
+        model = load_model(config=dict(TINY[arch], num_hidden_layers=5)).eval()
+        prune(model, Surgeon(mode="structured", sparsity=0.3, shots=2, align=1, blocks_per_pass=per_pass), calibration())
+        pruned[per_pass] = model.state_dict()
+    per_block = len(linears(model)) // 5
+    assert [len(c) for c in calls] == [5 * per_block] * 2 + [2 * per_block, 2 * per_block, per_block] * 2
+    assert pruned[0].keys() == pruned[2].keys()
+    for name, w in pruned[0].items():
+        assert torch.allclose(w, pruned[2][name], atol=1e-6), name
+
+
 def calibration_loss(model, batches):
     with torch.no_grad():
         return sum(float(torch.nn.functional.cross_entropy(model(input_ids=b[:, :-1]).logits.flatten(0, 1),
@@ -220,6 +240,8 @@ def test_an_adapter_delta_is_zero_where_weights_were_removed():
     (Surgeon(lora_rank=-1), "surgeon.lora_rank"),
     (Surgeon(lora_rank=4, lora_fraction=0.0), "surgeon.lora_fraction"),
     (Surgeon(lora_rank=4, lora_final=1.5), "surgeon.lora_final"),
+    (Surgeon(blocks_per_pass=-1), "surgeon.blocks_per_pass"),
+    (Surgeon(mode="unstructured", blocks_per_pass=1), "surgeon.blocks_per_pass"),
 ])
 def test_bad_settings_are_refused_before_curvature(spec, message, monkeypatch):
     monkeypatch.setattr(kfac, "collect", lambda *a, **k: pytest.fail("curvature computed"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -57,6 +57,9 @@ class Surgeon:
         lora_fraction: the share of the calibration batches each shot but the last trains on (a different share
             each shot).
         lora_final: the share after the last shot (the paper's longer final pass).
+        blocks_per_pass: structured: > 0 gathers the curvature of this many decoder blocks at a time (a forward and
+            backward pass over the calibration data each), keeping only their costs and the inverses the updates
+            need, so the factors of one group of blocks are resident instead of all (0: all blocks in one pass).
     """
 
     mode: str = "structured"
@@ -80,6 +83,7 @@ class Surgeon:
     lora_lr: float = 1e-4
     lora_fraction: float = 0.1
     lora_final: float = 1.0
+    blocks_per_pass: int = 0
 
     def check(self, config: Any) -> None:
         """Refuse bad settings, and models without what the mode needs, before any weights or data load."""
@@ -107,6 +111,11 @@ class Surgeon:
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"surgeon.{name}: {getattr(self, name)} must be in (0, 1], a share of the "
                                  f"calibration batches")
+        if self.blocks_per_pass < 0:
+            raise ValueError(f"surgeon.blocks_per_pass: {self.blocks_per_pass} must be >= 0 (0: all blocks at once)")
+        if self.blocks_per_pass and self.mode != "structured":
+            raise ValueError(f"surgeon.blocks_per_pass: only structured pruning gathers the curvature block by block "
+                             f"({self.mode} updates need every layer's inverses at once); set it to 0")
         arch = architecture(config)  # an unknown architecture: an error that says how to register it
         if self.mode == "structured" and (arch.attention is None or arch.mlp_in is None):
             raise ValueError(f"surgeon.mode: structured pruning needs separate attention and MLP linears, which chop's "
@@ -220,19 +229,15 @@ def prune(model: PreTrainedModel, spec: Surgeon, batches: Sequence[torch.Tensor]
     groups = structures(model) if spec.mode == "structured" else []
     masks: dict[str, torch.Tensor] = {}
     for shot in range(1, spec.shots + 1):
-        factors = _magnitude_factors(layers) if spec.magnitude else kfac.collect(
-            model, layers, batches, spec.fisher_samples, torch.device(spec.factors_device) if spec.factors_device else None)
-        if not (spec.obd or spec.magnitude):  # the diagonal baselines need no inverse
-            for f in factors.values():
-                f.invert(spec.damping_a, spec.damping_g)
         target = spec.target(shot)
         if spec.mode == "structured":
-            _structured_shot(layers, factors, groups, target * total, spec)
+            _structured_shot(layers, _curvature(model, layers, batches, spec), groups, target * total, spec)
             removed = sum(s.params for s in groups if s.removed)
         else:
+            factors = next(_curvature(model, layers, batches, spec))
             _element_shot(layers, factors, masks, target, spec)
             removed = sum(int(m.sum()) for m in masks.values())
-        del factors
+            del factors
         record = {"shot": shot, "target": target, "sparsity": removed / total,
                   "layers": allocation(layers, groups, masks)}
         if spec.lora_rank:
@@ -281,6 +286,28 @@ def _kept(layers: dict[str, nn.Linear], groups: list[Structure], masks: dict[str
     return keep
 
 
+def _curvature(model: PreTrainedModel, layers: dict[str, nn.Linear], batches: Sequence[torch.Tensor],
+               spec: Surgeon) -> Iterator[dict[str, kfac.Factors]]:
+    """The layers' factors (inverted, unless a diagonal baseline needs none): all in one pass, or
+    ``blocks_per_pass`` decoder blocks' at a time, each group from its own pass over the unchanged model."""
+    if spec.magnitude:
+        yield _magnitude_factors(layers)
+        return
+    device = torch.device(spec.factors_device) if spec.factors_device else None
+    n = len(decoder_layers(model))
+    step = spec.blocks_per_pass or n
+    prefix = architecture(model.config).layers
+    for start in range(0, n, step):
+        blocks = tuple(f"{prefix}.{i}." for i in range(start, min(n, start + step)))
+        factors = kfac.collect(model, {k: v for k, v in layers.items() if k.startswith(blocks)}, batches,
+                               spec.fisher_samples, device)
+        if not spec.obd:
+            for f in factors.values():
+                f.invert(spec.damping_a, spec.damping_g)
+        yield factors
+        del factors
+
+
 def _magnitude_factors(layers: dict[str, nn.Linear]) -> dict[str, kfac.Factors]:
     """Identity curvature (as diagonals): the K-OBD costs become ½W², the magnitude criterion."""
     ones = lambda n, layer: torch.ones(n, dtype=torch.float64, device=layer.weight.device)  # noqa: E731
@@ -288,17 +315,26 @@ def _magnitude_factors(layers: dict[str, nn.Linear]) -> dict[str, kfac.Factors]:
             for name, layer in layers.items()}
 
 
-def _structured_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Factors], groups: list[Structure],
+def _structured_shot(layers: dict[str, nn.Linear], passes: Iterable[dict[str, kfac.Factors]], groups: list[Structure],
                      budget: float, spec: Surgeon) -> None:
     """Remove the cheapest structures (by the sum of their parts' costs) until ``budget`` parameters are gone, never a
     layer's last MLP unit or attention group, then give each consuming linear the correlated update for all its
-    removed columns (and, with ``update_rows``, each producing linear the update for its rows)."""
-    weights = {name: kfac.weight_matrix(l) for name, l in layers.items()}
+    removed columns (and, with ``update_rows``, each producing linear the update for its rows). ``passes`` yields the
+    factors of some of the layers at a time; only the costs and the inverses the updates need are kept."""
     diagonal = spec.obd or spec.magnitude  # costs from the diagonal, no updates
     row_cost, col_cost = (kfac.row_costs_obd, kfac.column_costs_obd) if diagonal else (kfac.row_costs, kfac.column_costs)
-    # Plain Python lists: tens of thousands of small index sums, no device round trip each.
-    parts = {(name, 0): row_cost(weights[name], factors[name]).tolist() for name in layers}
-    parts |= {(name, 1): col_cost(weights[name], factors[name])[:layers[name].in_features].tolist() for name in layers}
+    consumers = {p.name for s in groups for p in s.parts if p.axis == 1}
+    parts: dict[tuple[str, int], list[float]] = {}  # plain lists: many small index sums, no device round trip each
+    kept: dict[str, kfac.Factors] = {}
+    for factors in passes:
+        while factors:  # each layer's factors freed once its costs are out
+            name, f = factors.popitem()
+            w = kfac.weight_matrix(layers[name])  # float64 copies one at a time, not the whole model's at once
+            parts[name, 0] = row_cost(w, f).tolist()
+            parts[name, 1] = col_cost(w, f)[:layers[name].in_features].tolist()
+            if not diagonal:
+                kept[name] = kfac.Factors(None, None, f.A_inv if name in consumers else None,
+                                          f.G_inv if spec.update_rows and name not in consumers else None)
     cost = [sum(sum(parts[p.name, p.axis][i] for i in p.index) for p in s.parts) for s in groups]
     removed = sum(s.params for s in groups if s.removed)
     left: dict[tuple[int, str], int] = {}
@@ -319,8 +355,8 @@ def _structured_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Facto
     for p in removed_parts(groups):
         gone.setdefault((p.name, p.axis), []).extend(p.index)
     for (name, axis), index in gone.items():
-        idx = torch.tensor(sorted(index), device=weights[name].device)
-        w, f = weights[name], factors[name]
+        w, f = kfac.weight_matrix(layers[name]), kept.get(name)
+        idx = torch.tensor(sorted(index), device=w.device)
         if diagonal:
             w = w.clone()
             if axis == 0:
@@ -429,10 +465,11 @@ def shrink(model: PreTrainedModel, groups: list[Structure]) -> dict[str, Any]:
     keep: dict[tuple[str, int], set[int]] = {}
     for s in groups:
         for p in s.parts:
-            full = layers[p.name].out_features if p.axis == 0 else layers[p.name].in_features
-            keep.setdefault((p.name, p.axis), set(range(full)))
-            if s.removed:
-                keep[(p.name, p.axis)] -= set(p.index)
+            if (p.name, p.axis) not in keep:  # built once per matrix and axis, not once per structure
+                layer = layers[p.name]
+                keep[p.name, p.axis] = set(range(layer.out_features if p.axis == 0 else layer.in_features))
+    for p in removed_parts(groups):
+        keep[p.name, p.axis].difference_update(p.index)
     for (name, axis), idx in keep.items():
         _slice(model, name, axis, sorted(idx))
     widths = []
