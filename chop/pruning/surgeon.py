@@ -357,19 +357,16 @@ def _structured_shot(layers: dict[str, nn.Linear], passes: Iterable[dict[str, kf
     for (name, axis), index in gone.items():
         w, f = kfac.weight_matrix(layers[name]), kept.get(name)
         idx = torch.tensor(sorted(index), device=w.device)
-        if diagonal:
+        if not diagonal and axis == 1:
+            w = kfac.remove_columns(w, f, idx)
+        elif not diagonal and spec.update_rows:
+            w = kfac.remove_rows(w, f, idx)
+        else:  # baselines; or removed rows, whose outputs feed only the columns removed with them: just zeros
             w = w.clone()
             if axis == 0:
                 w[idx] = 0.0
             else:
                 w[:, idx] = 0.0
-        elif axis == 1:
-            w = kfac.remove_columns(w, f, idx)
-        elif spec.update_rows:
-            w = kfac.remove_rows(w, f, idx)
-        else:  # the removed outputs feed only the removed columns: nothing downstream to compensate for
-            w = w.clone()
-            w[idx] = 0.0
         kfac.set_weight_matrix(layers[name], w.to(layers[name].weight.dtype))
 
 
