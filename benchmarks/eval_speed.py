@@ -2,13 +2,16 @@
 
     python benchmarks/eval_speed.py --model DIR --data_dir DIR [--tasks just_chop] [--limit N] [--llama_1b]
 
-Both end to end: model and data loading, tokenisation, scoring, metrics. chop: ``python -m chop eval``'s ``run``
-(``--dtype``, default bf16; batch size auto). lm-eval 0.4.13: ``simple_evaluate(model="hf", dtype, batch_size=64)`` with its
-own task definitions, its ``load_dataset`` pointed at the rows of ``--data_dir`` (chop.eval.reference). Reports
-both times, the ratio, every metric side by side and the largest per-example log-likelihood difference.
-``--float32_reference`` scores once more in float32 and says how far each bf16 run is from it; more than one
-``--lm_eval_batch`` reruns lm-eval at those batch sizes and says whether its own numbers change. ``--llama_1b`` adds a random-init Llama of about 1B parameters (hidden 2048, 16 layers, MLP 8192, the model's
-tokenizer), the compute-bound case. Prints a table and writes eval_speed.json (to $OUT, else benchmarks/results/).
+Both end to end, in this one process, chop first (so lm-eval finds CUDA and the libraries already loaded): model and
+data loading, tokenisation, scoring, metrics. chop: ``python -m chop eval``'s ``run`` (``--dtype``, default bf16;
+batch size auto). lm-eval 0.4.13: ``simple_evaluate(model="hf", dtype, batch_size=64)`` with its own task
+definitions, its ``load_dataset`` pointed at the rows of ``--data_dir`` (chop.eval.reference). Reports both times,
+the ratio, every metric side by side and the largest per-example log-likelihood difference. ``--share_contexts``
+times chop once more with contexts shared between choices (fewer tokens; numbers equal to lm-eval's only to bf16
+rounding). ``--float32_reference`` scores once more in float32 and says how far each bf16 run is from it; more than
+one ``--lm_eval_batch`` reruns lm-eval at those batch sizes and says whether its own numbers change. ``--llama_1b``
+adds a random-init Llama of about 1B parameters (hidden 2048, 16 layers, MLP 8192, the model's tokenizer), the
+compute-bound case. Prints a table and writes eval_speed.json (to $OUT, else benchmarks/results/).
 """
 
 import argparse
@@ -55,6 +58,19 @@ def compare(model_dir: str, args, label: str) -> dict:
           f"{out['speedup']:.1f}x; {out['requests']:,} requests; metrics identical: {out['identical']}; largest "
           f"per-example log-likelihood difference {worst:.2e}; choices where the two pick differently: {flips}",
           flush=True)
+    if args.share_contexts:  # the faster mode that gives up bit-identity: how much faster, how far off
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        shared = run(model_dir, args.tasks, limit=args.limit, data_dir=args.data_dir, samples=True, dtype=args.dtype,
+                     share_contexts=True)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        worst, flips = differ({task: [s["lls"] for s in v] for task, v in shared["samples"].items()}, lls["lm_eval"])
+        same = sum(shared["results"][k.split("/")[0]][k.split("/")[1]] == v[1] for k, v in metrics.items())
+        out["share_contexts"] = {"chop_s": seconds, "speedup": lm_eval_s / seconds, "max_ll_diff": worst,
+                                 "argmax_flips": flips, "metrics_equal": same, "metrics": len(metrics)}
+        print(f"  chop --share_contexts: {seconds:.1f} s, {lm_eval_s / seconds:.1f}x; largest log-likelihood difference "
+              f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}", flush=True)
     out["lm_eval_self"] = {}
     for j in range(1, len(runs)):  # does lm-eval agree with itself at another batch size?
         worst, flips = differ(lls["lm_eval"], {task: _lm_eval_lls(runs[j], task) for task in lls["lm_eval"]})
@@ -104,6 +120,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="both engines' dtype")
     p.add_argument("--llama_1b", action="store_true")
     p.add_argument("--float32_reference", action="store_true", help="also score in float32: which bf16 run is nearer")
+    p.add_argument("--share_contexts", action="store_true", help="also time chop with shared contexts")
     p.add_argument("--limit_1b", type=int, default=None, help="documents per task for the 1B model")
     args = p.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "tasks": args.tasks, "runs": [compare(args.model, args, "SmolLM2-135M")]}

@@ -48,7 +48,7 @@ def all_requests():
 
 def reference(model, scorer, context, continuation):
     """One request alone, through the model's own forward and full logits."""
-    ctx, cont = scorer.encode_pair(context, continuation)
+    ctx, cont = scorer.encoder.encode_pair(context, continuation)
     full = (ctx + cont)[-(scorer.max_len + 1):]
     with torch.no_grad():
         logp = F.log_softmax(model(torch.tensor([full[:-1]])).logits[0].float(), -1)
@@ -84,12 +84,12 @@ def test_scores_do_not_depend_on_batch_size_or_order(model, tokenizer):
 
 def test_tokenisation_moves_trailing_spaces_and_splits_like_lm_eval(model, tokenizer):
     scorer = Scorer(model, tokenizer)
-    ctx, cont = scorer.encode_pair("Question: is it?\nAnswer: ", "yes")
+    ctx, cont = scorer.encoder.encode_pair("Question: is it?\nAnswer: ", "yes")
     assert tokenizer.decode(ctx) == "Question: is it?\nAnswer:" and tokenizer.decode(cont) == " yes"
-    ctx, cont = scorer.encode_pair("", " hello")
-    assert ctx == [scorer.prefix_id] and tokenizer.decode(cont) == " hello"
+    ctx, cont = scorer.encoder.encode_pair("", " hello")
+    assert ctx == [scorer.encoder.prefix_id] and tokenizer.decode(cont) == " hello"
     whole = tokenizer.encode("The cat sat on the mat")
-    ctx, cont = scorer.encode_pair("The cat sat", " on the mat")
+    ctx, cont = scorer.encoder.encode_pair("The cat sat", " on the mat")
     assert ctx + cont == whole
 
 
@@ -127,7 +127,7 @@ def test_a_model_rigged_to_prefer_the_gold_scores_100_percent(tokenizer):
             choices = task.choices(doc)
             gold = task.text(doc) if task.multiple_input else task.target(doc)
             c, x = requests_of(task, doc)[choices.index(gold) if isinstance(gold, str) else int(gold)]
-            golds.append(sum(probe.encode_pair(c, x), []))
+            golds.append(sum(probe.encoder.encode_pair(c, x), []))
     rigged = Rigged(golds, len(tokenizer))
     results = evaluate(rigged, tokenizer, [t.name for t in MC], data_dir=str(FIX), batch_size=4)
     for name, r in results.items():
@@ -149,13 +149,13 @@ def test_rolling_windows_predict_every_token_once_with_the_most_context():
 def test_rolling_loglikelihood_equals_the_sum_over_tokens(model, tokenizer):
     scorer = Scorer(model, tokenizer, batch_size=4, max_len=16)
     text = load_docs(TASKS["wikitext"], str(FIX))[0]["page"][:400]
-    ids = scorer.encode(text)
+    ids = scorer.encoder.encode(text)
     assert len(ids) > 40  # several windows
     (total,) = scorer.loglikelihood_rolling([text])
     # Brute force: each token scored with the max_len tokens before it (the prefix token before the first).
-    seq = [scorer.prefix_id] + ids
+    seq = [scorer.encoder.prefix_id] + ids
     expected = 0.0
-    windows = list(rolling_windows(ids, scorer.prefix_id, 16))
+    windows = list(rolling_windows(ids, scorer.encoder.prefix_id, 16))
     for ctx, cont in windows:
         full = (ctx + cont)[-17:]
         with torch.no_grad():
@@ -226,6 +226,11 @@ def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
     saved = json.loads((run / "eval-step=4.json").read_text())
     assert saved["step"] == 4 and saved["results"]["copa"]["n"] == 6
     assert (run / "eval-step=2.json").exists() and not (run / "eval-step=4-v1.json").exists()  # once per step
+    # `chop eval` of the step-4 checkpoint (its weights and the tokenizer it records) gives the callback's numbers
+    out = tmp_path / "ckpt.json"
+    main(["eval", "--model", str(run / "last.ckpt"), "--tasks", "piqa,copa,lambada_openai", "--data_dir", str(FIX),
+          "--batch_size", "8", "--output", str(out)])
+    assert json.loads(out.read_text())["results"] == saved["results"]
 
 
 def test_callback_refuses_an_unknown_task_when_the_config_is_read():
@@ -253,7 +258,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_the_scores_stay(model, to
     real, sizes = Scorer._score_batch, []
 
     def small_gpu(self, batch):
-        tokens = sum(len(stem) + sum(max(0, len(c) - 1) for _, c in conts) for stem, conts in batch)
+        tokens = sum(self.row_width(*row) for row in batch)
         if tokens > 120:
             raise torch.cuda.OutOfMemoryError("pretend")
         sizes.append(tokens)
@@ -293,9 +298,34 @@ def test_shared_context_rows_equal_separate_requests_on_every_architecture(arch,
     masks = []
     real = Scorer._segment_mask
     monkeypatch.setattr(Scorer, "_segment_mask", lambda self, seg: masks.append(seg) or real(self, seg))
-    scorer = Scorer(model, tokenizer, batch_size=4)
+    scorer = Scorer(model, tokenizer, batch_size=4, share_contexts=True)
     batched = scorer.loglikelihood(requests)
     for (c, x), (ll, greedy) in zip(requests, batched):
         ref_ll, ref_greedy = reference(model, scorer, c, x)
         assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy
-    assert bool(masks) == scorer.segments == (arch not in ("mistral", "qwen2", "gemma2", "gemma3_text"))
+    assert bool(masks) == scorer.share == (arch not in ("mistral", "qwen2", "gemma2", "gemma3_text"))
+
+
+def lm_eval_reference(model, scorer, context, continuation):
+    """One request alone, computed as lm-eval's HF backend computes it: full logits and their log-softmax in the
+    model's dtype, the continuation's log-probabilities summed in that dtype."""
+    ctx, cont = scorer.encoder.encode_pair(context, continuation)
+    full = (ctx + cont)[-(scorer.max_len + 1):]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([full[:-1]])).logits[0], -1)[-len(cont):]
+    target = torch.tensor(cont)
+    return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
+
+def test_bf16_scores_are_lm_eval_s_bit_for_bit(tokenizer):
+    """In bf16 lm-eval rounds each log-probability and their sum to bf16; chop's rows, batches and arithmetic give
+    the same bits (with shared contexts they would not: a masked row runs other kernels)."""
+    torch.manual_seed(0)
+    model = load_model(config=dict(TINY["llama"], vocab_size=len(tokenizer), max_position_embeddings=512),
+                       dtype="bfloat16").eval()
+    requests = all_requests()
+    scorer = Scorer(model, tokenizer, batch_size=16)
+    got = scorer.loglikelihood(requests)
+    want = [lm_eval_reference(model, scorer, c, x) for c, x in requests]
+    assert got == want
+    assert len({ll for ll, _ in got}) > 40  # not a degenerate model

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from chop.eval.engine import Scorer
+from chop.eval.engine import Encoder, Scorer
 from chop.eval.suite import average, block_docs, evaluate, to_json
 from chop.eval.tasks import Doc, get, load_docs
 
@@ -26,18 +26,21 @@ class ZeroShotEvalCallback(Callback):
         every_n_steps: run every this many optimizer steps (None: only at checkpoints).
         on_checkpoint: run whenever a checkpoint is saved.
         limit: the first ``limit`` documents of each task, for quick estimates during training.
-        batch_size: sequences per batch for the longest requests, or ``auto``.
+        batch_size: rows per batch, as lm-eval's, or ``auto`` (rows packed up to a number of tokens).
         data_dir: a folder with ``<task>/`` files to read instead of the hub.
+        share_contexts: score the choices of one context in one row (half the tokens of a multiple-choice task;
+            numbers then equal lm-eval's only to the dtype's rounding).
     """
 
     def __init__(self, tasks: str = "just_chop", every_n_steps: Optional[int] = None, on_checkpoint: bool = True,
                  limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
-                 data_dir: Optional[str] = None) -> None:
+                 data_dir: Optional[str] = None, share_contexts: bool = False) -> None:
         get(tasks)  # unknown names fail when the config is read
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"ZeroShotEvalCallback.every_n_steps: {every_n_steps} must be >= 1 (or null)")
         self.tasks, self.every_n_steps, self.on_checkpoint = tasks, every_n_steps, on_checkpoint
         self.limit, self.batch_size, self.data_dir = limit, batch_size, data_dir
+        self.share_contexts = share_contexts
         self.docs: Optional[dict[str, list[Doc]]] = None
         self.last_step = -1
 
@@ -51,6 +54,7 @@ class ZeroShotEvalCallback(Callback):
             from chop.models.loading import load_tokenizer
 
             self.tokenizer = load_tokenizer(pl_module.tokenizer_name)
+            self.encoder = Encoder(self.tokenizer)  # keeps each request's tokens from one evaluation to the next
             self.docs = {t.name: load_docs(t, self.data_dir, self.limit) for t in get(self.tasks) if t.kind != "blocks"}
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
@@ -70,7 +74,8 @@ class ZeroShotEvalCallback(Callback):
         pl_module.eval()
         try:
             with trainer.precision_plugin.forward_context(), torch.inference_mode():
-                scorer = Scorer(pl_module.model, self.tokenizer, self.batch_size)
+                scorer = Scorer(pl_module.model, self.tokenizer, self.batch_size, share_contexts=self.share_contexts,
+                                encoder=self.encoder)
                 for task in get(self.tasks):  # blocks need the tokenizer: packed at the first run, then kept
                     if task.name not in self.docs:
                         self.docs[task.name] = block_docs(task, scorer, self.data_dir, self.limit)

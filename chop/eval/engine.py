@@ -1,17 +1,23 @@
-"""Batched log-likelihood scoring of (context, continuation) pairs, with lm-evaluation-harness's tokenisation.
+"""Batched log-likelihood scoring of (context, continuation) pairs, with lm-evaluation-harness's tokenisation and
+arithmetic, so that its numbers come out identical in any dtype.
 
-One forward of the model body per batch; the LM head and the log-softmax run only at the positions that predict
-continuation tokens (not over every context token), which is where most of a small-model evaluation's time went.
-Requests with the same context share one row (the context once, each continuation in its own masked segment), which
-halves the tokens of a multiple-choice suite. Rows are sorted by length so batches carry little padding; padding is on
-the right and the attention causal, so it changes nothing before it. Under DDP each rank scores a share of the rows
-and all ranks gather the results.
+A row is one distinct model input, as in lm-eval (requests whose context plus continuation minus its last token are
+the same share it: the one-token answers of a multiple-choice question). The model body runs once per batch of
+length-sorted rows, right-padded and without an attention mask (causal, so padding changes nothing before it, and
+the attention kernel is the one lm-eval's plain forward gets); the LM head and the log-softmax run, in the model's
+dtype as lm-eval's do, only at the positions that predict continuation tokens. lm-eval's log-likelihoods are sums
+rounded to the model's dtype; so are these. Under DDP each rank scores a share of the rows and all ranks gather them.
+
+``share_contexts`` trades that identity for half the tokens of a multiple-choice suite: the choices of one context
+share a row, the context once and each continuation in its own masked segment. The masked attention runs other
+kernels, so bf16 numbers then differ from lm-eval's by bf16 rounding (float32 ones by float32 rounding).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from itertools import chain
 from typing import Optional, Union
 
@@ -27,8 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for models that state no context length
 HEAD_CHUNK = 4096  # continuation positions whose logits are formed at once
-# cuDNN's attention builds a plan for every new batch shape (seconds, cold); the length-sorted batches of an
-# evaluation are nearly all new shapes.
+# For rows with segment masks (share_contexts): cuDNN's attention would build a plan for every new mask shape.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MAX_BATCH_TOKENS = 2**17  # larger batches gain no speed and, sorted by length, carry more padding
 
@@ -43,32 +48,15 @@ def max_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> in
     return int(limit) if limit and limit < 10**9 else DEFAULT_MAX_LENGTH
 
 
-class Scorer:
-    """Scores requests against ``model`` the way lm-eval's ``--model hf`` does, faster.
+class Encoder:
+    """lm-eval's tokenisation of (context, continuation) pairs; each pair is encoded once and then remembered."""
 
-    ``batch_size``: sequences per batch for the longest requests (shorter ones are packed to the same number of
-    tokens), or ``auto`` (``_token_budget``; CPU: 32).
-    """
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 batch_size: Union[int, str] = "auto", max_len: Optional[int] = None) -> None:
-        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size: {batch_size!r} must be a positive integer or 'auto'")
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size = batch_size
-        self.max_len = max_len or max_length(model, tokenizer)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._prefix_text = tokenizer.decode(self.prefix_id)
-        self.head = output_head(model)
-        config = model.config.get_text_config()
-        sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-        self.segments = not sliding and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+        self._pairs: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    # -- tokenisation, as lm-eval -----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         # The tokenizer's own special tokens, except when the text already starts with the prefix token.
         special = {"add_special_tokens": False} if text.startswith(self._prefix_text) else {}
@@ -81,22 +69,22 @@ class Scorer:
 
     def encode_pairs(self, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """``encode_pair`` of many requests; each distinct text is encoded once, in batches (the tokenizer's threads)."""
+        new = list(dict.fromkeys(r for r in requests if r not in self._pairs))
         split = []
-        for context, continuation in requests:
+        for context, continuation in new:
             n_spaces = len(context) - len(context.rstrip())
             if n_spaces:
                 context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
             split.append((context, continuation))
         texts = sorted({t for c, x in split if c for t in (c, c + x)})
         ids = dict(zip(texts, self._encode_many(texts)))
-        out = []
-        for context, continuation in split:
+        for request, (context, continuation) in zip(new, split):
             if not context:
-                out.append(([self.prefix_id], self.encode(continuation)))
+                self._pairs[request] = ([self.prefix_id], self.encode(continuation))
             else:
                 ctx = ids[context]
-                out.append((ctx, ids[context + continuation][len(ctx):]))
-        return out
+                self._pairs[request] = (ctx, ids[context + continuation][len(ctx):])
+        return [self._pairs[r] for r in requests]
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         plain = [t for t in texts if not t.startswith(self._prefix_text)]
@@ -108,16 +96,47 @@ class Scorer:
         encoded = dict(zip(plain, ids))
         return [encoded[t] if t in encoded else self.encode(t) for t in texts]
 
+
+class Scorer:
+    """Scores requests against ``model`` as lm-eval's ``--model hf`` does, with the same numbers, faster.
+
+    ``batch_size``: rows per batch, as lm-eval's (the same batches: the same bits on any hardware), or ``auto``:
+    length-sorted rows packed up to a number of tokens (``_token_budget``), which gives the same bits where kernels
+    do not depend on the batch's shape (an H100 measured; CPU kernels do). ``share_contexts``: one row per context
+    with a segment per continuation (half the tokens; numbers equal lm-eval's to the dtype's rounding, not bit for
+    bit); models whose attention takes no such mask (sliding windows, flash-attention-2) keep one row per input.
+    ``encoder``: the tokenisation to use, with what it has already encoded (the callback keeps one across runs).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 batch_size: Union[int, str] = "auto", max_len: Optional[int] = None,
+                 share_contexts: bool = False, encoder: Optional[Encoder] = None) -> None:
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size: {batch_size!r} must be a positive integer or 'auto'")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size = batch_size
+        self.max_len = max_len or max_length(model, tokenizer)
+        self.encoder = encoder or Encoder(tokenizer)
+        self.head = output_head(model)
+        config = model.config.get_text_config()
+        sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+        maskable = not sliding and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+        self.share = share_contexts and maskable
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """(summed log-probability of the continuation, whether greedy decoding would produce it) per request."""
-        return self.score_tokens(self.encode_pairs(requests))
+        return self.score_tokens(self.encoder.encode_pairs(requests))
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         """Log-likelihood of whole texts in disjoint windows of the context length, each token predicted once with
         as much context as fits (lm-eval's rolling windows, context length 1)."""
         pairs, owner = [], []
         for i, text in enumerate(texts):
-            for ctx, cont in rolling_windows(self.encode(text), self.prefix_id, self.max_len):
+            for ctx, cont in rolling_windows(self.encoder.encode(text), self.encoder.prefix_id, self.max_len):
                 pairs.append((ctx, cont))
                 owner.append(i)
         totals = [0.0] * len(texts)
@@ -126,48 +145,56 @@ class Scorer:
         return totals
 
     def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        # Requests with the same context share one row: the context once, then each continuation's tokens (all but
-        # its last, which is only predicted) in its own segment that sees the context and itself, not the others
-        # (a block mask and position ids that restart after the context). The first continuation token is
-        # predicted from the shared last context position, exactly as each request alone would predict it.
-        # Models whose attention cannot take such a mask (sliding windows, flash-attention) share a row only between
-        # single-token continuations, which need no segments (MMLU's A-D, BoolQ's yes/no).
-        rows: dict[tuple, tuple[tuple[int, ...], list[tuple[int, list[int]]]]] = {}
+        # A row's stem is the input up to the last context token when contexts are shared (each continuation then
+        # gets a segment holding its tokens but the last, which is only predicted), else the whole input, context
+        # and continuation but its last token, in which every continuation token is predicted.
+        rows: dict[tuple[int, ...], tuple[tuple[int, ...], list[tuple[int, list[int]]]]] = {}
+        total: dict[tuple[int, ...], int] = {}  # a row's longest context + continuation before truncation
         for i, (ctx, cont) in enumerate(pairs):
             full = (ctx + cont)[-(self.max_len + 1):]  # as lm-eval: at most max_len inputs, cut from the left
             n = min(len(cont), len(full) - 1)
-            stem = tuple(full[:len(full) - n][-self.max_len:])
-            key = stem if n <= 1 or self.segments else (stem, i)
-            rows.setdefault(key, (stem, []))[1].append((i, full[len(full) - n:]))
+            stem = tuple(full[:len(full) - n] if self.share else full[:-1])
+            rows.setdefault(stem, (stem, []))[1].append((i, full[len(full) - n:]))
+            total[stem] = max(total.get(stem, 0), len(ctx) + len(cont))
         rank, world = _dist()
-        width = {k: len(stem) + sum(max(0, len(c) - 1) for _, c in conts) for k, (stem, conts) in rows.items()}
-        order = sorted(rows, key=lambda k: (-width[k], rows[k][0]))  # longest first, as lm-eval
-        scores: dict[int, tuple[float, bool]] = {}
+        width = {k: self.row_width(*row) for k, row in rows.items()}
+        order = sorted(rows, key=lambda k: (-width[k], -total[k], k))  # lm-eval's order: longest first
+        done: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
         mine = [rows[k] for k in order[rank::world]]
         widths = [width[k] for k in order[rank::world]]
-        start, budget = 0, self._token_budget(widths[0] if mine else 1)
+        # An integer batch size is lm-eval's, that many rows a batch; auto packs rows up to a number of tokens.
+        fixed = self.batch_size != "auto"
+        start, cap = 0, self.batch_size if fixed else self._token_budget(widths[0] if mine else 1)
         while start < len(mine):
-            n = max(1, min(len(mine) - start, budget // max(1, widths[start])))
+            n = max(1, min(len(mine) - start, cap if fixed else cap // max(1, widths[start])))
             try:
-                scores.update(self._score_batch(mine[start:start + n]))
+                done.append(self._score_batch(mine[start:start + n]))
             except torch.cuda.OutOfMemoryError:
                 if n == 1:
                     raise
-                budget = max(1, budget // 2)  # too generous a guess: halve it and try this batch again
+                cap = max(1, cap // 2)  # too generous a guess: halve it and try this batch again
                 torch.cuda.empty_cache()
                 continue
             start += n
+        # Read back once at the end: a read per batch would stall the host while the GPU runs, instead of letting it
+        # prepare the next batches.
+        scores: dict[int, tuple[float, bool]] = {}
+        if done:
+            ll, hit = (torch.cat([d[k] for d in done]).tolist() for k in (1, 2))
+            scores = dict(zip(chain.from_iterable(d[0] for d in done), zip(ll, hit)))
         if world > 1:
             gathered: list = [None] * world
             torch.distributed.all_gather_object(gathered, scores)
             scores = {k: v for part in gathered for k, v in part.items()}
         return [scores[i] for i in range(len(pairs))]
 
+    def row_width(self, stem: tuple[int, ...], conts: list[tuple[int, list[int]]]) -> int:
+        """Tokens a row feeds the model: its stem, and with shared contexts each continuation's segment."""
+        return len(stem) + (sum(len(c) - 1 for _, c in conts) if self.share else 0)
+
     def _token_budget(self, longest: int) -> int:
-        """Tokens per batch: ``batch_size`` rows of the longest; ``auto`` on GPU: what half the free memory holds of
-        one layer's activations in bf16 (inference keeps one layer's at a time), at most ``MAX_BATCH_TOKENS``."""
-        if self.batch_size != "auto":
-            return self.batch_size * longest
+        """Tokens per batch with ``batch_size`` auto: on GPU what half the free memory holds of one layer's
+        activations in bf16 (inference keeps one layer's at a time), at most ``MAX_BATCH_TOKENS``; CPU: 32 rows."""
         if self.device.type != "cuda":
             return 32 * longest
         config = self.model.config.get_text_config()
@@ -177,20 +204,25 @@ class Scorer:
         return max(longest, min(MAX_BATCH_TOKENS, int(0.5 * free / per_token)))
 
     @torch.inference_mode()
-    def _score_batch(self, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]) -> dict[int, tuple[float, bool]]:
-        """Scores of one batch of rows: (stem tokens, [(request index, continuation tokens), ...])."""
+    def _score_batch(self, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]
+                     ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Scores of one batch of rows, (stem tokens, [(request index, continuation tokens), ...]): the request
+        indices, their log-likelihoods and whether greedy decoding gives the continuation, on the device."""
         device = self.device
         requests = [i for _, conts in batch for i, _ in conts]
         counts = np.array([len(conts) for _, conts in batch], dtype=np.int64)
         n_cont = np.fromiter((len(c) for _, conts in batch for _, c in conts), dtype=np.int64, count=len(requests))
         stem = np.fromiter((len(s) for s, _ in batch), dtype=np.int64, count=len(batch))
-        # A row's pieces: its stem, then a segment per continuation (its tokens but the last). Per piece: length,
-        # offset within its row, the position of its first token (a segment's continues from the stem), segment id.
+        # Of a continuation's tokens, the first `inside` are predicted in the stem (its last positions): all of them
+        # when rows are inputs, the first alone when contexts are shared; the rest in the continuation's segment.
+        inside = n_cont if not self.share else np.ones_like(n_cont)
+        # A row's pieces: its stem, then a segment per continuation (empty without shared contexts). Per piece:
+        # length, offset within its row, the position of its first token (continuing the stem), segment id.
         first = np.arange(len(batch)) + np.cumsum(counts) - counts
         is_stem = np.zeros(len(batch) + len(requests), dtype=bool)
         is_stem[first] = True
         length = np.empty(len(is_stem), dtype=np.int64)
-        length[is_stem], length[~is_stem] = stem, np.maximum(n_cont - 1, 0)
+        length[is_stem], length[~is_stem] = stem, n_cont - inside
         start = np.cumsum(length) - length
         offset = start - np.repeat(start[first], counts + 1)
         pos0 = np.where(is_stem, 0, np.repeat(stem, counts + 1))
@@ -198,13 +230,15 @@ class Scorer:
         row_len = np.add.reduceat(length, first)
         fill = np.arange(int(row_len.max())) < row_len[:, None]  # row-major: each row's tokens, then padding
         ids = np.zeros(fill.shape, dtype=np.int64)
-        ids[fill] = np.fromiter(chain.from_iterable(p for s, conts in batch for p in chain((s,), (c[:-1] for _, c in conts))),
-                                dtype=np.int64, count=int(length.sum()))
-        # Continuation token j is predicted at the stem's last position (j = 0), else at its segment's token j - 1.
+        k_of = iter(inside.tolist())
+        pieces = chain.from_iterable(chain((s,), (c[next(k_of) - 1:-1] for _, c in conts)) for s, conts in batch)
+        ids[fill] = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=int(length.sum()))
+        # Continuation token j is predicted at the stem's position (length - inside + j) while j < inside, else at
+        # its segment's token j - inside.
         row_of = np.repeat(np.arange(len(batch)), counts)
         j = np.arange(int(n_cont.sum())) - np.repeat(np.cumsum(n_cont) - n_cont, n_cont)
-        rows = np.repeat(row_of, n_cont)
-        cols = np.where(j == 0, np.repeat(stem[row_of] - 1, n_cont), np.repeat(offset[~is_stem], n_cont) + j - 1)
+        rows, ins = np.repeat(row_of, n_cont), np.repeat(inside, n_cont)
+        cols = np.where(j < ins, np.repeat(stem[row_of] - inside, n_cont) + j, np.repeat(offset[~is_stem], n_cont) + j - ins)
         target = np.fromiter(chain.from_iterable(c for _, conts in batch for _, c in conts), dtype=np.int64,
                              count=len(rows))
         owner = np.repeat(np.arange(len(requests)), n_cont)
@@ -213,25 +247,32 @@ class Scorer:
             position, segment = np.zeros_like(ids), np.zeros_like(ids)
             position[fill] = np.repeat(pos0 - start, length) + np.arange(int(length.sum()))
             segment[fill] = np.repeat(segment_id, length)
-            kwargs = {"position_ids": torch.from_numpy(position).to(device),
-                      "attention_mask": self._segment_mask(torch.from_numpy(segment).to(device))}
-        rows_t, cols_t, target, owner_t = (torch.from_numpy(x).to(device, non_blocking=True)
-                                           for x in (rows, cols, target, owner))
-        with sdpa_kernel(ATTENTION_BACKENDS):
-            hidden = self.model.base_model(input_ids=torch.from_numpy(ids).to(device), use_cache=False,
+            kwargs = {"position_ids": self._to_device(position),
+                      "attention_mask": self._segment_mask(self._to_device(segment))}
+        rows_t, cols_t, target, owner_t = (self._to_device(x) for x in (rows, cols, target, owner))
+        # Without a mask the model picks the attention kernel lm-eval's forward gets (cuDNN's on an H100).
+        with sdpa_kernel(ATTENTION_BACKENDS) if kwargs else nullcontext():
+            hidden = self.model.base_model(input_ids=self._to_device(ids), use_cache=False,
                                            **kwargs).last_hidden_state
         picked = hidden[rows_t, cols_t]
-        logp, misses = torch.empty(len(target), device=device), torch.empty(len(target), device=device)
-        for i in range(0, len(target), HEAD_CHUNK):  # bounded memory: float32 logits of HEAD_CHUNK positions at a time
-            logits = self.head(picked[i:i + HEAD_CHUNK])
+        logp, misses = [], []
+        for i in range(0, len(target), HEAD_CHUNK):  # bounded memory: the logits of HEAD_CHUNK positions at a time
+            # In the model's dtype, as lm-eval: its log-softmax rounds to it, and its greedy check is on the result.
+            logits = F.log_softmax(self.head(picked[i:i + HEAD_CHUNK]), dim=-1)
             t = target[i:i + HEAD_CHUNK]
-            # In float32 whatever the model's dtype, in one pass over the logits (no float32 copy of them first).
-            logp[i:i + HEAD_CHUNK] = F.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, t[:, None])[:, 0]
-            misses[i:i + HEAD_CHUNK] = (logits.argmax(-1) != t).float()
-        n = len(requests)
-        ll = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, logp.double()).tolist()
-        miss = torch.zeros(n, device=device).index_add_(0, owner_t, misses).tolist()
-        return {i: (ll[k], miss[k] == 0) for k, i in enumerate(requests)}
+            logp.append(logits.gather(1, t[:, None])[:, 0])
+            misses.append((logits.argmax(-1) != t).float())
+        n, lp = len(requests), torch.cat(logp)
+        # lm-eval sums a request's log-probabilities in their dtype: the sum rounded to it.
+        ll = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, lp.double()).to(lp.dtype)
+        miss = torch.zeros(n, device=device).index_add_(0, owner_t, torch.cat(misses))
+        return requests, ll, miss == 0
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the model's device; from pinned memory on GPU, so the copy does not wait for the GPU."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(array)
+        return torch.from_numpy(array).pin_memory().to(self.device, non_blocking=True)
 
     def _segment_mask(self, segment: torch.Tensor) -> torch.Tensor:
         """Additive attention mask (batch, 1, width, width): causal, and a segment sees the stem (0) and itself."""

@@ -4,62 +4,110 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from jsonargparse import ArgumentParser
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from chop.eval.suite import evaluate, table, to_json
+from chop.eval.engine import Encoder, Scorer
+from chop.eval.suite import evaluate, requests_of, table, to_json
+from chop.eval.tasks import get, load_docs
 
 
-def load(model: str, dtype: str, device: str) -> tuple:
-    """Model and tokenizer from an HF directory, a hub id (offline copies as everywhere in chop) or a ``.ckpt``."""
-    from chop.models.loading import DTYPES, load_model, load_tokenizer
+class Clock:
+    """Seconds since it was made, and of each named phase (loading the model runs beside reading and tokenising;
+    GPU work that a phase leaves queued counts in the next one that waits for it)."""
+
+    def __init__(self) -> None:
+        self.start, self.phases = time.perf_counter(), {}
+
+    def time(self, name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.phases[name] = time.perf_counter() - t0
+        return out
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+
+
+def tokenizer_of(model: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of an HF directory or hub id, or the one a ``.ckpt`` records."""
+    from chop.models.loading import load_tokenizer
+    from chop.training.pretrain import read_checkpoint_meta
+
+    name = read_checkpoint_meta(model).get("tokenizer") if model.endswith(".ckpt") else model
+    if name is None:
+        raise ValueError(f"--model: '{model}' records no tokenizer; evaluate its exported HF directory instead")
+    return load_tokenizer(name)
+
+
+def load(model: str, dtype: str, device: str) -> PreTrainedModel:
+    """The model of an HF directory, a hub id (offline copies as everywhere in chop) or a ``.ckpt``, on ``device``;
+    on a GPU after one small forward, which sets up CUDA, cuBLAS and the attention kernels (seconds, the first time)."""
+    from chop.models.loading import DTYPES, load_model
 
     if model.endswith(".ckpt"):
         from chop.cli import model_from_checkpoint
 
-        net, tokenizer = model_from_checkpoint(model)
-        net = net.to(DTYPES[dtype])
+        net = model_from_checkpoint(model)[0].to(DTYPES[dtype])
     else:
-        net, tokenizer = load_model(model, dtype=dtype), model
-    if tokenizer is None:
-        raise ValueError(f"--model: '{model}' records no tokenizer; evaluate its exported HF directory instead")
-    return net.to(device), load_tokenizer(tokenizer)
+        net = load_model(model, dtype=dtype)
+    net = net.to(device).eval()
+    if net.device.type == "cuda":
+        with torch.inference_mode():
+            net(input_ids=torch.zeros(8, 128, dtype=torch.long, device=net.device), use_cache=False)
+    return net
 
 
 def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
         output: Optional[str] = None, data_dir: Optional[str] = None, dtype: Optional[str] = None,
-        device: Optional[str] = None, samples: bool = False) -> dict:
+        device: Optional[str] = None, samples: bool = False, share_contexts: bool = False) -> dict:
     """Evaluate ``model`` on ``tasks``, print lm-eval's table, write JSON to ``output`` (never over a file).
 
     Args:
         model: a Hugging Face directory, a hub id, or a chop Lightning checkpoint (.ckpt).
         tasks: comma-separated task names, or the groups just_chop and suite.
         limit: the first N documents of each task (MMLU: of each subject).
-        batch_size: sequences per batch for the longest requests, or auto.
+        batch_size: rows per batch, as lm-eval's --batch_size (its batches, its numbers on any hardware), or auto
+            (rows packed up to a number of tokens; the same numbers where kernels do not depend on the batch, e.g. an H100).
         output: a JSON file for the results (must not exist).
         data_dir: read each task from DIR/<task>/ (jsonl/json/parquet files or a save_to_disk folder).
         dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU).
         device: cuda or cpu (default: cuda when there is one).
         samples: also write each document's log-likelihoods to the JSON.
+        share_contexts: score the choices of one context in one row: half the tokens of a multiple-choice task,
+            numbers equal to lm-eval's only to the dtype's rounding (default: one row per input, lm-eval's numbers).
     """
-    from chop.eval.tasks import get
-
     get(tasks)  # an unknown task fails here, before any model loads
     if output and Path(output).exists():
         raise FileExistsError(f"--output: '{output}' exists; choose another file")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    start = time.perf_counter()
-    net, tokenizer = load(model, dtype, device)
-    results = evaluate(net, tokenizer, tasks, limit=limit, batch_size=batch_size, data_dir=data_dir)
-    seconds = time.perf_counter() - start
+    clock = Clock()
+    tokenizer, chosen = tokenizer_of(model), get(tasks)
+    encoder = Encoder(tokenizer)
+    with ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
+        loading = pool.submit(clock.time, "load model", load, model, dtype, device)
+        docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)
+                                                     for t in chosen if t.kind != "blocks"})
+        clock.time("tokenise", encoder.encode_pairs, [r for t in chosen if t.kind in ("multiple_choice", "loglikelihood")
+                                                      for doc in docs[t.name] for r in requests_of(t, doc)])
+        net = loading.result()
+    scorer = Scorer(net, tokenizer, batch_size, share_contexts=share_contexts, encoder=encoder)
+    results = clock.time("score", evaluate, net, tokenizer, tasks, limit=limit, data_dir=data_dir, scorer=scorer,
+                         docs=docs)
+    seconds = clock.total()
     print(table(results))
-    print(f"{model}: {seconds:.1f} s end to end")
+    print(f"{model}: {seconds:.1f} s end to end ({clock})")
     out = {"model": model, "tasks": tasks, "limit": limit, "dtype": dtype, "device": device, "seconds": seconds,
-           **to_json(results, samples)}
+           "phases": clock.phases, **to_json(results, samples)}
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(out, indent=2))
