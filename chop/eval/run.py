@@ -40,9 +40,12 @@ class Clock:
 def tokenizer_of(model: str) -> PreTrainedTokenizerBase:
     """The tokenizer of an HF directory or hub id, or the one a ``.ckpt`` records."""
     from chop.models.loading import load_tokenizer
-    from chop.training.pretrain import read_checkpoint_meta
 
-    name = read_checkpoint_meta(model).get("tokenizer") if model.endswith(".ckpt") else model
+    name = model
+    if model.endswith(".ckpt"):
+        from chop.training.pretrain import read_checkpoint_meta
+
+        name = read_checkpoint_meta(model).get("tokenizer")
     if name is None:
         raise ValueError(f"--model: '{model}' records no tokenizer; evaluate its exported HF directory instead")
     return load_tokenizer(name)
@@ -76,7 +79,7 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
         tasks: comma-separated task names, or the groups just_chop and suite.
         limit: the first N documents of each task (MMLU: of each subject).
         batch_size: rows per batch, as lm-eval's --batch_size (its batches, its numbers on any hardware), or auto
-            (rows packed up to a number of tokens; the same numbers where kernels do not depend on the batch, e.g. an H100).
+            (rows packed up to a number of tokens; the same numbers where kernels do not depend on the batch: H100).
         output: a JSON file for the results (must not exist).
         data_dir: read each task from DIR/<task>/ (jsonl/json/parquet files or a save_to_disk folder).
         dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU).
