@@ -2,69 +2,101 @@
 
     python benchmarks/eval_speed.py --model DIR --data_dir DIR [--tasks just_chop] [--limit N] [--llama_1b]
 
-Both end to end, in this one process, chop first (so lm-eval finds CUDA and the libraries already loaded): model and
-data loading, tokenisation, scoring, metrics. chop: ``python -m chop eval``'s ``run`` (``--dtype``, default bf16;
-batch size auto). lm-eval 0.4.13: ``simple_evaluate(model="hf", dtype, batch_size=64)`` with its own task
-definitions, its ``load_dataset`` pointed at the rows of ``--data_dir`` (chop.eval.reference). Reports both times,
-the ratio, every metric side by side and the largest per-example log-likelihood difference. ``--share_contexts``
-times chop once more with contexts shared between choices (fewer tokens; numbers equal to lm-eval's only to bf16
-rounding). ``--float32_reference`` scores once more in float32 and says how far each bf16 run is from it; more than
-one ``--lm_eval_batch`` reruns lm-eval at those batch sizes and says whether its own numbers change. ``--llama_1b``
-adds a random-init Llama of about 1B parameters (hidden 2048, 16 layers, MLP 8192, the model's tokenizer), the
-compute-bound case. Prints a table and writes eval_speed.json (to $OUT, else benchmarks/results/).
+End to end as a user runs them: each engine in a fresh Python process (start-up, imports, model and data loading,
+tokenisation, scoring, metrics), timed from outside, ``--repeats`` times, medians reported, after one untimed run of
+each on 2 documents a task (``--warmup 0``: none), so that both find compiled bytecode and their files cached. chop: ``python -m chop
+eval`` (``--dtype``, default bf16; batch size auto; its JSON says where its time went). lm-eval 0.4.13:
+``simple_evaluate(model="hf", dtype, batch_size=64)`` with its own task definitions, its ``load_dataset`` pointed at
+the rows of ``--data_dir`` (chop.eval.reference). Reports both times, the ratio, every metric side by side and the
+largest per-example log-likelihood difference. ``--share_contexts`` times chop once more with contexts shared
+between choices (fewer tokens; numbers equal to lm-eval's only to bf16 rounding). ``--float32_reference`` scores once
+more in float32 and says how far each bf16 run is from it; more than one ``--lm_eval_batch`` reruns lm-eval at those
+batch sizes and says whether its own numbers change. ``--llama_1b`` adds a random-init Llama of about 1B parameters
+(hidden 2048, 16 layers, MLP 8192, the model's tokenizer), the compute-bound case (``--only_1b``: that alone). Prints a table and writes
+eval_speed.json (to $OUT, else benchmarks/results/).
 """
 
 import argparse
 import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+TMP = Path(tempfile.mkdtemp())
+
+
+def timed(cmd: list[str], out: Path) -> tuple[dict, float]:
+    """Run ``cmd`` in a fresh process; its JSON output and the wall-clock seconds it took."""
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    return json.loads(out.read_text()), time.perf_counter() - t0
+
+
+def run_chop(model_dir: str, args, dtype: str, share: bool = False, limit: Optional[int] = None) -> tuple[dict, float]:
+    out, limit = TMP / "chop.json", limit or args.limit
+    cmd = [sys.executable, "-m", "chop", "eval", "--model", model_dir, "--tasks", args.tasks, "--data_dir",
+           args.data_dir, "--dtype", dtype, "--device", args.device, "--samples", "true", "--output", str(out),
+           "--share_contexts", str(share).lower()] + (["--limit", str(limit)] if limit else [])
+    return timed(cmd, out)
+
+
+def run_lm_eval(model_dir: str, args, tasks: list[str], batch: int, limit: Optional[int] = None) -> tuple[dict, float]:
+    out, limit = TMP / "lm_eval.json", limit or args.limit
+    cmd = [sys.executable, __file__, "--lm_eval_worker", str(out), "--model", model_dir, "--data_dir", args.data_dir,
+           "--tasks", ",".join(tasks), "--lm_eval_batch", str(batch), "--dtype", args.dtype, "--device", args.device]
+    return timed(cmd + (["--limit", str(limit)] if limit else []), out)
+
+
+def lm_eval_worker(args) -> None:
+    """The lm-eval side, in its own process: its metrics and each document's log-likelihoods, as JSON."""
+    from chop.eval.reference import run_lm_eval as lm_eval
+
+    tasks = args.tasks.split(",")
+    r = lm_eval(args.model, tasks, limit=args.limit, data_dir=args.data_dir, batch_size=args.lm_eval_batch[0],
+                dtype=args.dtype, device=args.device)
+    lls = {t: [[float(x[0]) for x in s["filtered_resps"]] for s in sorted(r["samples"][t], key=lambda s: s["doc_id"])]
+           for t in tasks}
+    metrics = {t: {k.split(",")[0]: v for k, v in r["results"][t].items() if k.endswith(",none")} for t in tasks}
+    Path(args.lm_eval_worker).write_text(json.dumps({"results": metrics, "lls": lls}))
+
 
 def compare(model_dir: str, args, label: str) -> dict:
-    from chop.eval.reference import run_lm_eval
-    from chop.eval.run import run
-
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    ours = run(model_dir, args.tasks, limit=args.limit, data_dir=args.data_dir, samples=True, dtype=args.dtype)
-    torch.cuda.synchronize()
-    chop_s = time.perf_counter() - t0
-    torch.cuda.empty_cache()
+    if args.warmup:  # untimed: both engines then start with compiled bytecode and the files in the page cache
+        tasks = list(run_chop(model_dir, args, args.dtype, limit=2)[0]["results"])
+        run_lm_eval(model_dir, args, tasks, args.lm_eval_batch[0], limit=2)
+    chop_runs = [run_chop(model_dir, args, args.dtype) for _ in range(args.repeats)]
+    ours, chop_s = chop_runs[0][0], statistics.median(s for _, s in chop_runs)
+    tasks = list(ours["results"])
     runs, lm_eval_s = [], None
     for batch in args.lm_eval_batch:
-        t0 = time.perf_counter()
-        runs.append(run_lm_eval(model_dir, list(ours["results"]), limit=args.limit, data_dir=args.data_dir,
-                                batch_size=batch, dtype=args.dtype, device="cuda"))
-        lm_eval_s = lm_eval_s or time.perf_counter() - t0  # the first batch size is the timed one
+        timings = [run_lm_eval(model_dir, args, tasks, batch) for _ in range(args.repeats if not runs else 1)]
+        runs.append(timings[0][0])
+        lm_eval_s = lm_eval_s or statistics.median(s for _, s in timings)  # the first batch size is the timed one
     theirs = runs[0]
-    metrics = {}
-    lls = {"chop": {}, "lm_eval": {}}
-    for task, r in ours["results"].items():
-        for m in ("acc", "acc_norm"):
-            if m in r:
-                metrics[f"{task}/{m}"] = (r[m], *(t["results"][task][f"{m},none"] for t in runs))
-        lls["chop"][task] = [s["lls"] for s in ours["samples"][task]]
-        lls["lm_eval"][task] = _lm_eval_lls(theirs, task)
+    metrics = {f"{task}/{m}": (r[m], *(t["results"][task][m] for t in runs))
+               for task, r in ours["results"].items() for m in ("acc", "acc_norm") if m in r}
+    lls = {"chop": {task: [s["lls"] for s in v] for task, v in ours["samples"].items()}, "lm_eval": theirs["lls"]}
     worst, flips = differ(lls["chop"], lls["lm_eval"])
     out = {"model": label, "dtype": args.dtype, "chop_s": chop_s, "lm_eval_s": lm_eval_s,
-           "speedup": lm_eval_s / chop_s, "lm_eval_batch": args.lm_eval_batch, "metrics": metrics,
+           "speedup": lm_eval_s / chop_s, "repeats": args.repeats, "chop_times": [s for _, s in chop_runs],
+           "chop_phases": {"start-up, imports, exit": chop_runs[0][1] - ours["seconds"], **ours["phases"]},
+           "lm_eval_batch": args.lm_eval_batch, "metrics": metrics,
            "identical": all(v[0] == v[1] for v in metrics.values()), "max_ll_diff": worst, "argmax_flips": flips,
            "requests": sum(len(s["lls"]) for v in ours["samples"].values() for s in v)}
-    print(f"\n{label} ({args.dtype}): chop {chop_s:.1f} s, lm-eval (batch {args.lm_eval_batch[0]}) {lm_eval_s:.1f} s, "
-          f"{out['speedup']:.1f}x; {out['requests']:,} requests; metrics identical: {out['identical']}; largest "
-          f"per-example log-likelihood difference {worst:.2e}; choices where the two pick differently: {flips}",
-          flush=True)
+    print(f"\n{label} ({args.dtype}): chop {chop_s:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in out['chop_phases'].items())}"
+          f"), lm-eval (batch {args.lm_eval_batch[0]}) {lm_eval_s:.1f} s, {out['speedup']:.1f}x; {out['requests']:,} "
+          f"requests; metrics identical: {out['identical']}; largest per-example log-likelihood difference "
+          f"{worst:.2e}; choices where the two pick differently: {flips}", flush=True)
     if args.share_contexts:  # the faster mode that gives up bit-identity: how much faster, how far off
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        shared = run(model_dir, args.tasks, limit=args.limit, data_dir=args.data_dir, samples=True, dtype=args.dtype,
-                     share_contexts=True)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        shared, seconds = run_chop(model_dir, args, args.dtype, share=True)
         worst, flips = differ({task: [s["lls"] for s in v] for task, v in shared["samples"].items()}, lls["lm_eval"])
         same = sum(shared["results"][k.split("/")[0]][k.split("/")[1]] == v[1] for k, v in metrics.items())
         out["share_contexts"] = {"chop_s": seconds, "speedup": lm_eval_s / seconds, "max_ll_diff": worst,
@@ -73,15 +105,15 @@ def compare(model_dir: str, args, label: str) -> dict:
               f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}", flush=True)
     out["lm_eval_self"] = {}
     for j in range(1, len(runs)):  # does lm-eval agree with itself at another batch size?
-        worst, flips = differ(lls["lm_eval"], {task: _lm_eval_lls(runs[j], task) for task in lls["lm_eval"]})
+        worst, flips = differ(lls["lm_eval"], runs[j]["lls"])
         same = sum(v[1] == v[1 + j] for v in metrics.values())
         batch = args.lm_eval_batch[j]
         out["lm_eval_self"][batch] = {"max_ll_diff": worst, "argmax_flips": flips, "metrics_equal": same,
                                       "metrics": len(metrics)}
         print(f"  lm-eval batch {batch} against batch {args.lm_eval_batch[0]}: largest log-likelihood difference "
               f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}")
-    if args.float32_reference:  # which bf16 run is nearer the float32 numbers (chop float32 = lm-eval float32 on CPU)
-        exact = run(model_dir, args.tasks, limit=args.limit, data_dir=args.data_dir, samples=True, dtype="float32")
+    if args.float32_reference:  # how far each bf16 run is from the float32 numbers (chop float32 = lm-eval float32)
+        exact, _ = run_chop(model_dir, args, "float32")
         truth = {task: [s["lls"] for s in v] for task, v in exact["samples"].items()}
         out["vs_float32"] = {}
         for name, got in lls.items():
@@ -93,10 +125,6 @@ def compare(model_dir: str, args, label: str) -> dict:
     for k, v in metrics.items():
         print(f"  {k:<24}{v[0]:>8.4f}" + "".join(f"{x:>14.4f}" for x in v[1:]))
     return out
-
-
-def _lm_eval_lls(result: dict, task: str) -> list[list[float]]:
-    return [[float(x[0]) for x in s["filtered_resps"]] for s in sorted(result["samples"][task], key=lambda s: s["doc_id"])]
 
 
 def differ(a: dict, b: dict) -> tuple[float, int]:
@@ -118,26 +146,37 @@ def main() -> None:
     p.add_argument("--lm_eval_batch", type=int, nargs="+", default=[64],
                    help="lm-eval's batch size (the first is timed; more: whether lm-eval's numbers change with it)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="both engines' dtype")
+    p.add_argument("--device", default="cuda", help="cpu: a quick check of the script itself")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each engine; medians are reported")
+    p.add_argument("--warmup", type=int, default=1, help="first run each engine once on 2 documents a task, untimed")
     p.add_argument("--llama_1b", action="store_true")
     p.add_argument("--float32_reference", action="store_true", help="also score in float32: which bf16 run is nearer")
     p.add_argument("--share_contexts", action="store_true", help="also time chop with shared contexts")
     p.add_argument("--limit_1b", type=int, default=None, help="documents per task for the 1B model")
+    p.add_argument("--only_1b", action="store_true", help="time the 1B model alone (with --model's tokenizer)")
+    p.add_argument("--lm_eval_worker", help=argparse.SUPPRESS)  # internal: the lm-eval side, writing JSON here
     args = p.parse_args()
-    results = {"gpu": torch.cuda.get_device_name(), "tasks": args.tasks, "runs": [compare(args.model, args, "SmolLM2-135M")]}
-    if args.llama_1b:
+    if args.lm_eval_worker:
+        return lm_eval_worker(args)
+    if sys.flags.dont_write_bytecode:
+        print("PYTHONDONTWRITEBYTECODE is set: each process compiles all it imports (seconds for torch and "
+              "transformers, for both engines); unset it to time installed packages", file=sys.stderr)
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    results = {"gpu": gpu, "tasks": args.tasks, "runs": [] if args.only_1b else [compare(args.model, args, "SmolLM2-135M")]}
+    if args.llama_1b or args.only_1b:
         from transformers import AutoTokenizer
 
         from chop.models.loading import load_model
 
         tok = AutoTokenizer.from_pretrained(args.model)
-        with torch.device("cuda"):
+        with torch.device(args.device):
             big = load_model(config=dict(model_type="llama", hidden_size=2048, num_hidden_layers=16,
                                          num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
                                          vocab_size=len(tok), max_position_embeddings=2048,
                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
                              dtype="bfloat16")
         n = sum(p.numel() for p in big.parameters())
-        folder = tempfile.mkdtemp()
+        folder = str(TMP / "llama_1b")
         big.save_pretrained(folder)
         tok.save_pretrained(folder)
         del big

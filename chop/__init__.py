@@ -1,11 +1,22 @@
 """chop: task-agnostic compression of large language models."""
 
-from chop.data.classification import ClassificationDataModule
-from chop.data.streaming import StreamingDataModule
-from chop.pruning.layerchop import LayerChop
-from chop.training.classify import PromptClassification
-from chop.training.distill import Distillation, DistillLoss
-from chop.training.pretrain import ContinuedPretraining
+from importlib import import_module
+from typing import Any
 
-__all__ = ["ClassificationDataModule", "ContinuedPretraining", "Distillation", "DistillLoss", "LayerChop",
-           "PromptClassification", "StreamingDataModule"]
+# Imported on first use, so that `python -m chop eval` and `import chop.eval` start without Lightning.
+_EXPORTS = {
+    "ClassificationDataModule": "chop.data.classification",
+    "ContinuedPretraining": "chop.training.pretrain",
+    "Distillation": "chop.training.distill",
+    "DistillLoss": "chop.training.distill",
+    "LayerChop": "chop.pruning.layerchop",
+    "PromptClassification": "chop.training.classify",
+    "StreamingDataModule": "chop.data.streaming",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'chop' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

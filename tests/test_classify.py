@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import TINY
 
-from chop.cli import cli_main
+from chop.training.cli import cli_main
 from chop.data.classification import ClassificationDataModule, few_shot
 from chop.models.loading import load_model, load_tokenizer
 from chop.training.classify import PromptClassification, verbalizer_scores

@@ -12,7 +12,7 @@ from test_training import FIX, TINY_DISTILL, args, run_cli
 from torch import nn
 from transformers import AutoConfig
 
-from chop.cli import cli_main
+from chop.training.cli import cli_main
 from chop.models.loading import load_model
 from chop.training import optim
 from chop.training.distill import Distillation, DistillLoss, frozen_copy

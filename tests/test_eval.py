@@ -1,8 +1,11 @@
 """The zero-shot engine on tiny random models and real rows of every task (tests/fixtures/eval/<task>/docs.jsonl)."""
 
+import gc
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,11 +213,33 @@ def test_chop_eval_prints_a_table_and_writes_json(tmp_path, capsys, model, token
         main(["eval", "--model", str(tmp_path / "m"), "--tasks", "piqa", "--data_dir", str(FIX), "--output", str(out)])
 
 
+def test_chop_eval_starts_without_lightning():
+    # Lightning's import costs seconds that an evaluation of an HF model never uses.
+    code = "import sys, chop, chop.cli, chop.eval.run; assert 'lightning' not in sys.modules, 'imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_scoring_runs_with_the_collector_off_and_restores_it(model, tokenizer, monkeypatch):
+    seen = []
+    real = Scorer.score_tokens
+    monkeypatch.setattr(Scorer, "score_tokens", lambda self, pairs: seen.append(gc.isenabled()) or real(self, pairs))
+    assert gc.isenabled()
+    evaluate(model, tokenizer, "copa", data_dir=str(FIX), batch_size=4)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:  # a caller that had it off keeps it off
+        evaluate(model, tokenizer, "copa", data_dir=str(FIX), batch_size=4)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
     from conftest import scalars
     from test_training import args
 
-    from chop.cli import cli_main
+    from chop.training.cli import cli_main
 
     cb = ("chop.eval.ZeroShotEvalCallback", {"tasks": "piqa,copa,lambada_openai", "every_n_steps": 2,
                                              "data_dir": str(FIX), "batch_size": 8})

@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chop.cli import cli_main
+from chop.training.cli import cli_main
 from chop.models.loading import load_model, resolve
 from chop.pruning.layerchop import LayerChop, chop
 

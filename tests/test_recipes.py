@@ -6,7 +6,7 @@ import datasets
 import pytest
 import yaml
 
-from chop.cli import cli_main
+from chop.training.cli import cli_main
 from chop.models import loading
 from conftest import TINY, make_tokenizer, write_corpus
 

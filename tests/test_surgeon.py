@@ -307,7 +307,7 @@ def test_too_little_calibration_data_is_refused_before_curvature(tmp_path, monke
 def test_fit_with_surgeon_pruning_trains_the_smaller_model_exports_and_resumes(tmp_path):
     from test_training import args
 
-    from chop.cli import cli_main
+    from chop.training.cli import cli_main
 
     pruning = '--model.pruning={"mode": "structured", "sparsity": 0.3, "shots": 2, "calibration_samples": 8}'
     first = cli_main(args(tmp_path, pruning, trainer={"max_steps": 4}))

@@ -12,7 +12,8 @@ import yaml
 from conftest import scalars
 from transformers import AutoModelForCausalLM
 
-from chop.cli import cli_main, export
+from chop.cli import export
+from chop.training.cli import cli_main
 from chop.training.callbacks import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from jsonargparse import ArgumentParser
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chop.eval.engine import Encoder, Scorer
-from chop.eval.suite import evaluate, requests_of, table, to_json
+from chop.eval.suite import evaluate, no_gc, requests_of, table, to_json
 from chop.eval.tasks import get, load_docs
 
 
@@ -57,7 +57,7 @@ def load(model: str, dtype: str, device: str) -> PreTrainedModel:
     from chop.models.loading import DTYPES, load_model
 
     if model.endswith(".ckpt"):
-        from chop.cli import model_from_checkpoint
+        from chop.training.pretrain import model_from_checkpoint
 
         net = model_from_checkpoint(model)[0].to(DTYPES[dtype])
     else:
@@ -96,16 +96,16 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     clock = Clock()
     tokenizer, chosen = tokenizer_of(model), get(tasks)
     encoder = Encoder(tokenizer)
-    with ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
+    with no_gc(), ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
         loading = pool.submit(clock.time, "load model", load, model, dtype, device)
         docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)
                                                      for t in chosen if t.kind != "blocks"})
         clock.time("tokenise", encoder.encode_pairs, [r for t in chosen if t.kind in ("multiple_choice", "loglikelihood")
                                                       for doc in docs[t.name] for r in requests_of(t, doc)])
         net = loading.result()
-    scorer = Scorer(net, tokenizer, batch_size, share_contexts=share_contexts, encoder=encoder)
-    results = clock.time("score", evaluate, net, tokenizer, tasks, limit=limit, data_dir=data_dir, scorer=scorer,
-                         docs=docs)
+        scorer = Scorer(net, tokenizer, batch_size, share_contexts=share_contexts, encoder=encoder)
+        results = clock.time("score", evaluate, net, tokenizer, tasks, limit=limit, data_dir=data_dir, scorer=scorer,
+                             docs=docs)
     seconds = clock.total()
     print(table(results))
     print(f"{model}: {seconds:.1f} s end to end ({clock})")

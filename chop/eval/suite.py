@@ -3,8 +3,11 @@ as lm-evaluation-harness defines them (acc, acc_norm by the choice's character l
 
 from __future__ import annotations
 
+import gc
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -34,6 +37,20 @@ def requests_of(task: Task, doc: Doc) -> list[tuple[str, str]]:
     return [(prefix + task.text(doc), task.target_delimiter + choice) for choice in task.choices(doc)]
 
 
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """The cyclic garbage collector off: a run makes millions of small objects (documents, token lists, rows) and
+    almost no cycles, and the collector's passes over them cost seconds; what it would free, it frees after."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@no_gc()
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Union[str, list[str]],
              limit: Optional[int] = None, batch_size: Union[int, str] = "auto", data_dir: Optional[str] = None,
              scorer: Optional[Scorer] = None, docs: Optional[dict[str, list[Doc]]] = None) -> dict[str, TaskResult]:

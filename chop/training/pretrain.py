@@ -312,6 +312,19 @@ def read_checkpoint_meta(path: str) -> dict:
     return meta
 
 
+def model_from_checkpoint(ckpt: str) -> tuple[Any, Optional[str]]:
+    """The trained model of a chop Lightning checkpoint, and its tokenizer's name."""
+    meta = read_checkpoint_meta(ckpt)
+    model = from_config(AutoConfig.for_model(**meta["config"]))
+    state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"--ckpt: the weights in '{ckpt}' do not fit the model config it records: {err}") from err
+    return model, meta["tokenizer"]
+
+
 def export_hf(model: PreTrainedModel, tokenizer: Optional[str], out: Path, state_dict: Optional[dict] = None) -> Path:
     """Write ``model`` (and its tokenizer) as a Hugging Face directory, never over an existing non-empty one.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def run(config: str, n_keep: str, out: Path, extra: list[str]) -> dict:
-    from chop.cli import cli_main
+    from chop.training.cli import cli_main
     from chop.pruning.layerchop import num_params
 
     chop = ["--model.chop", "null"] if n_keep == "all" else ["--model.chop.n_keep", n_keep]
