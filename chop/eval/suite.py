@@ -40,7 +40,8 @@ def requests_of(task: Task, doc: Doc) -> list[tuple[str, str]]:
 @contextmanager
 def no_gc() -> Iterator[None]:
     """The cyclic garbage collector off: a run makes millions of small objects (documents, token lists, rows) and
-    almost no cycles, and the collector's passes over them cost seconds; what it would free, it frees after."""
+    almost no cycles, and the collector's passes over them nearly doubled the time to plan the batches; what it
+    would free, it frees after."""
     was = gc.isenabled()
     gc.disable()
     try:
