@@ -30,6 +30,22 @@ TINY = {
     "gpt_neox": dict(model_type="gpt_neox", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                      num_attention_heads=4, max_position_embeddings=128, bos_token_id=1,
                      eos_token_id=1, pad_token_id=0),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, **_COMMON),
+    # Layer kinds by index: layer 0 dense, then every second layer sparse (1, 3, 5).
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=16, decoder_sparse_step=2, mlp_only_layers=[0], **_COMMON),
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=8, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=16, decoder_sparse_step=2, mlp_only_layers=[0], **_COMMON),
+    "falcon": dict(model_type="falcon", vocab_size=128, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
+                   bos_token_id=1, eos_token_id=1, pad_token_id=0),
+    "stablelm": dict(model_type="stablelm", **_COMMON),
+    "phi": dict(model_type="phi", **_COMMON),
+    "gptj": dict(model_type="gptj", vocab_size=128, n_embd=32, n_layer=6, n_head=4, n_positions=128, rotary_dim=4,
+                 bos_token_id=1, eos_token_id=1, pad_token_id=0),
+    "bloom": dict(model_type="bloom", vocab_size=128, hidden_size=32, n_layer=6, n_head=4, bos_token_id=1,
+                  eos_token_id=1, pad_token_id=0),
+    "starcoder2": dict(model_type="starcoder2", **_COMMON),
+    "cohere": dict(model_type="cohere", **_COMMON),
 }
 
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "far", "away", "and", "then", "it", "was", "good"]

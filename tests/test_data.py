@@ -144,3 +144,67 @@ def test_too_small_corpus_for_the_shards(tokenizer_dir, tmp_path):
     data.train.rank, data.train.world = 1, 2
     with pytest.raises(RuntimeError, match="shard 1 of 2 .* got no full block"):
         next(iter(data.train_dataloader()))
+
+
+def test_with_enough_files_each_shard_reads_only_its_own(tokenizer_dir, tmp_path, monkeypatch):
+    files = [str(write_corpus(tmp_path / f"c{i}.jsonl", 12, start=12 * i)) for i in range(6)]
+    opened = []
+    real = Source.open
+    monkeypatch.setattr(Source, "open", lambda self, part: opened.append(part) or real(self, part))
+    tok = load_tokenizer(str(tokenizer_dir))
+    seen, per_shard = [], {}
+    for rank in range(2):
+        for worker in range(3):  # 2 ranks x 3 workers = 6 shards, one file each per epoch
+            data = dm(tokenizer_dir, files[0], num_workers=0)
+            data.hparams.train_files = None
+            data.train_files = tuple(files)
+            data.setup()
+            data.train.rank, data.train.world = rank * 3 + worker, 6  # one worker per "rank": the same split
+            opened.clear()
+            blocks = [b["input_ids"] for b in itertools.islice(iter(data.train), 12)]
+            per_shard[(rank, worker)] = set(opened)
+            seen += doc_ids(blocks, tok)
+    assert sorted(seen) == list(range(72))  # every document of the epoch exactly once
+    assert all(len(parts) == 1 for parts in per_shard.values())  # each shard opened one file, not all six
+    assert len(set().union(*per_shard.values())) == 6
+
+
+def test_resume_opens_only_the_part_it_stopped_in(tokenizer_dir, tmp_path, monkeypatch):
+    files = tuple(str(write_corpus(tmp_path / f"c{i}.jsonl", 12, start=12 * i)) for i in range(10))
+    stream = PackedStream(Source(files=files), str(tokenizer_dir), seq_len=8, shuffle_buffer=5)
+    blocks = list(itertools.islice(iter(stream), 120))  # one epoch: 10 files of 12 one-block documents
+    for at in (12, 108):  # 10% and 90% through the epoch
+        resumed = PackedStream(Source(files=files), str(tokenizer_dir), seq_len=8, shuffle_buffer=5)
+        resumed.resume = {0: blocks[at - 1]["state"][1:].tolist()}
+        opened = []
+        real = Source.open
+        monkeypatch.setattr(Source, "open", lambda self, part: opened.append(part) or real(self, part))
+        first = next(iter(resumed))
+        monkeypatch.undo()
+        assert torch.equal(first["input_ids"], blocks[at]["input_ids"])
+        # The part it stopped in (entered at its window's row) and, when that was used up, the next: never the rest.
+        assert len(opened) <= 2, opened
+
+
+def test_file_order_is_shuffled_every_epoch(tokenizer_dir, tmp_path):
+    files = tuple(str(write_corpus(tmp_path / f"c{i}.jsonl", 2, start=2 * i)) for i in range(8))
+    stream = PackedStream(Source(files=files), str(tokenizer_dir), seq_len=8, shuffle_buffer=1)
+    tok = load_tokenizer(str(tokenizer_dir))
+    ids = doc_ids([b["input_ids"] for b in itertools.islice(iter(stream), 32)], tok)
+    first, second = ids[:16], ids[16:]
+    assert sorted(first) == sorted(second) == list(range(16)) and first != second and first != list(range(16))
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "holds no documents"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 20, r"cannot read '.*bad.jsonl' after row 0 .*UTF-8"),
+    ("".join(json.dumps({"text": f"d{i} the cat"}) + "\n" for i in range(150)).encode() + b'{"text": null}\n',
+     r"'.*bad.jsonl' row 150: 'text' is None, not text"),
+])
+def test_unreadable_documents_name_the_file_and_row(tokenizer_dir, tmp_path, content, match):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    data = dm(tokenizer_dir, bad, num_workers=0)
+    with pytest.raises(ValueError, match=match):
+        data.setup()
+        list(itertools.islice(iter(data.train), 100))  # row 150 is in the 67th block

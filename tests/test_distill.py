@@ -223,10 +223,12 @@ def test_a_flop_budget_stops_training_and_ends_the_schedule(tmp_path):
     assert cp.trainer.global_step == expected > 6
 
 
-def test_a_token_budget_stops_training(tmp_path):
-    cli = cli_main(args(tmp_path, "--trainer.max_steps=100", "--trainer.val_check_interval=4",
-                        callbacks=[("chop.training.callbacks.ComputeBudget", {"max_tokens": 4 * 4 * 16})]))
-    assert cli.trainer.global_step == 4 and cli.model.tokens_seen == 256
+def test_a_token_budget_stops_training_after_a_whole_accumulated_step(tmp_path):
+    # 7 micro-batches of 4 x 16 tokens reach the budget; with 2 per optimizer step, training ends after the 8th.
+    cli = cli_main(args(tmp_path, "--trainer.max_steps=100", "--trainer.val_check_interval=8",
+                        "--trainer.accumulate_grad_batches=2",
+                        callbacks=[("chop.training.callbacks.ComputeBudget", {"max_tokens": 7 * 4 * 16})]))
+    assert cli.trainer.global_step == 4 and cli.model.tokens_seen == 8 * 4 * 16
 
 
 def test_a_teacher_with_another_tokenizer_is_refused_before_training(tmp_path):

@@ -52,11 +52,22 @@ def test_chopped_model_reloads_and_generates(arch, tmp_path):
     assert plan.params_after < plan.params_before
     x = torch.randint(2, 128, (2, 12))
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded, report = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(report.values()), report  # no weight missing, unexpected or mismatched: nothing random-init
+    reloaded.eval()
     torch.testing.assert_close(reloaded(x).logits, model(x).logits, rtol=0, atol=0)
     with_cache = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
     without = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(with_cache, without)
+
+
+def test_a_layer_kind_given_by_index_that_chop_does_not_know_is_refused():
+    model = load_model(config=TINY["qwen2_moe"]).eval()
+    model.config.decoder_sparse_step, model.config.mlp_only_layers = 2, [0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("chop.pruning.layerchop._keep_layer_kinds", lambda config, kept: None)
+        with pytest.raises(NotImplementedError, match="qwen2_moe's config no longer describes the model"):
+            chop(model, LayerChop("max_gap", n_remove=2))
 
 
 def test_layer_idx_renumbered():
@@ -70,8 +81,8 @@ def test_every_tiny_arch_is_registered():
 
 
 def test_unsupported_architecture_names_the_registry():
-    model = load_model(config=dict(model_type="bloom", vocab_size=64, hidden_size=16, n_layer=4, n_head=2))
-    with pytest.raises(NotImplementedError, match="no registry entry for model_type 'bloom'.*ARCHITECTURES"):
+    model = load_model(config=dict(model_type="codegen", vocab_size=64, n_embd=16, n_layer=4, n_head=2, rotary_dim=4))
+    with pytest.raises(NotImplementedError, match="no registry entry for model_type 'codegen'.*ARCHITECTURES"):
         chop(model, LayerChop("input", n_remove=1))
 
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from chop.cli import export
 from chop.training.cli import cli_main
 from chop.training.callbacks import AtomicCheckpointIO
+from chop.training.pretrain import ContinuedPretraining
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -76,17 +77,23 @@ def test_fit_logs_checkpoints_and_exports(tmp_path):
         export(str(run / "last.ckpt"), str(out))
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_DISTILL], ids=["pretrain", "distill"])
-def test_resume_after_kill_repeats_the_same_steps(tmp_path, config):
+# The pretraining run has dropout: exact only if every rank's random state comes back with the checkpoint.
+DROPOUT = ('--model.config={"model_type": "llama", "vocab_size": 1100, "hidden_size": 32, "intermediate_size": 64, '
+           '"num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "attention_dropout": 0.3, '
+           '"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}')
+
+
+@pytest.mark.parametrize("config,extra", [(TINY, [DROPOUT]), (TINY_DISTILL, [])], ids=["pretrain-dropout", "distill"])
+def test_resume_after_kill_repeats_the_same_steps(tmp_path, config, extra):
     straight, broken = tmp_path / "a", tmp_path / "b"
     straight.mkdir(), broken.mkdir()
     record = lambda d: ("helpers.RecordSteps", {"path": str(d / "steps")})  # noqa: E731
-    run_cli(*args(straight, "--trainer.max_steps=8", callbacks=[record(straight)], config=config))
-    killed = run_cli(*args(broken, "--trainer.max_steps=8", callbacks=[record(broken), ("helpers.KillAt", {"step": 4})],
-                           config=config), check=False)
+    run_cli(*args(straight, "--trainer.max_steps=8", *extra, callbacks=[record(straight)], config=config))
+    killed = run_cli(*args(broken, "--trainer.max_steps=8", *extra,
+                           callbacks=[record(broken), ("helpers.KillAt", {"step": 4})], config=config), check=False)
     assert killed.returncode == 3
     assert len(steps(broken / "steps")) == 4
-    run_cli(*args(broken, "--trainer.max_steps=8", "--ckpt_path=last", callbacks=[record(broken)], config=config))
+    run_cli(*args(broken, "--trainer.max_steps=8", "--ckpt_path=last", *extra, callbacks=[record(broken)], config=config))
     a, b = steps(straight / "steps"), steps(broken / "steps")
     assert [s["step"] for s in b] == list(range(1, 9))
     assert [s["batch"] for s in a] == [s["batch"] for s in b]
@@ -120,7 +127,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_checkpoint_chopped_otherwise_is_refused(tmp_path):
     cli_main(args(tmp_path, "--trainer.max_steps=4"))
-    with pytest.raises(ValueError, match="was chopped by input, but model.chop is .*strategy='output'"):
+    with pytest.raises(ValueError, match="model.chop: checkpoint .*'strategy': 'input'.*config .*'strategy': 'output'"):
         cli_main(args(tmp_path, "--trainer.max_steps=8", "--ckpt_path=last", "--model.chop.strategy=output"))
 
 
@@ -153,3 +160,66 @@ def test_atomic_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    (tmp_path / ".epoch=0-step=8.ckpt.x1y2.tmp").write_bytes(b"a save that was killed (SIGKILL: no cleanup)")
+    io.save_checkpoint({"step": 3}, tmp_path / "epoch=0-step=12.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=12.ckpt", "last.ckpt"]
+
+
+class _Plants:
+    """Unpickling it creates a file: a stand-in for a checkpoint that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_checkpoint_that_needs_code_is_refused_by_every_command(tmp_path):
+    from chop.eval.run import run
+
+    marker, evil = tmp_path / "code-ran", tmp_path / "evil.ckpt"
+    torch.save({"chop": {"source": "random-init llama", "config": {}}, "state_dict": {}, "x": _Plants(marker)}, evil)
+    need_code = "needs pickled Python objects to load, and loading them could run any code"
+    with pytest.raises(ValueError, match=f"--model: .*evil.ckpt' {need_code}"):
+        run(str(evil), tasks="arc_easy", device="cpu")
+    with pytest.raises(ValueError, match=f"--ckpt: .*evil.ckpt' {need_code}"):
+        export(str(evil), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=f"--ckpt_path: .*evil.ckpt' {need_code}"):
+        cli_main(args(tmp_path, f"--ckpt_path={evil}"))
+    with pytest.raises(ValueError, match=need_code):
+        AtomicCheckpointIO().load_checkpoint(evil)  # what Lightning itself calls to restore
+    assert not marker.exists()
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"not finite for 3 steps in a row \(model.max_nonfinite_steps\)"):
+        cli_main(args(tmp_path, "--trainer.max_steps=40", "--model.optim.lr=1e6", "--model.optim.warmup_steps=0"))
+    run = tmp_path / "tiny_cpu" / "checkpoints"
+    ckpt = torch.load(run / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] >= 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert not (run / "hf").exists()
+
+
+def test_resume_builds_the_model_from_the_checkpoint_and_refuses_other_settings(tmp_path, monkeypatch):
+    cli_main(args(tmp_path, "--trainer.max_steps=4"))
+    run = tmp_path / "tiny_cpu" / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tiny_cpu").rglob("*") if p.is_file()}
+    for wrong, says in [("--model.chop.n_remove=3", r"model.chop: checkpoint .*'n_remove': 2.*config .*'n_remove': 3"),
+                        ('--model.config={"model_type": "llama", "vocab_size": 1100, "hidden_size": 64, '
+                         '"num_attention_heads": 4, "num_hidden_layers": 6}', "model.config: checkpoint .*'hidden_size': 32"),
+                        ("--data.seq_len=4096", "data.seq_len: 4096 is longer than the model's max_position_embeddings")]:
+        with pytest.raises(ValueError, match=says):
+            cli_main(args(tmp_path, "--trainer.max_steps=8", "--ckpt_path=last", wrong))
+    with pytest.raises(FileExistsError, match="run folder .* already holds checkpoints .*--ckpt_path last"):
+        cli_main(args(tmp_path, "--trainer.max_steps=8"))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tiny_cpu").rglob("*") if p.is_file()} == before
+
+    def no_source(self):
+        raise AssertionError("a resumed run loaded and chopped its source model again")
+
+    monkeypatch.setattr(ContinuedPretraining, "load_source", no_source)
+    cli = cli_main(args(tmp_path, "--trainer.max_steps=8", "--ckpt_path=last"))
+    assert cli.trainer.global_step == 8 and cli.model.plan.kept == [0, 3, 4, 5]
+    assert not list(run.glob("last-v*.ckpt"))

@@ -1,14 +1,17 @@
 """Stream a pretraining corpus, tokenize on the fly, pack into fixed blocks, and resume mid-stream.
 
 Documents come from Hugging Face ``datasets`` in streaming mode: a hub dataset or local json/jsonl/parquet/text
-files. Document ``i`` of the stream belongs to shard ``i % (ranks * workers)``, so every document is read by exactly
-one dataloader worker of one rank. Each shard shuffles its documents in windows of ``shuffle_buffer`` (a seeded
-permutation per window and epoch), tokenizes them, appends EOS and packs the tokens into ``seq_len + 1`` blocks
-with no padding. The stream is endless (a new shuffle each pass), so training is bounded by ``max_steps``.
+files, read part by part (a part is one local file or one of the hub dataset's data files). Each of the
+``ranks * workers`` shards reads only its own parts when there are at least as many parts as shards (every epoch
+deals the parts, in a new seeded order, round-robin to the shards); with fewer parts, every shard reads them all and
+keeps every ``ranks * workers``-th document. Each shard shuffles its documents in windows of ``shuffle_buffer`` (a
+seeded permutation per window and epoch), tokenizes them, appends EOS and packs the tokens into ``seq_len + 1``
+blocks with no padding. The stream is endless (a new shuffle each pass), so training is bounded by ``max_steps``.
 
-Every block carries the position of its shard after it (epoch, window, document, token offset). The data module
-keeps the position of the last block that training consumed, per shard, and Lightning saves it in the checkpoint:
-a resumed run re-reads only raw text up to that window and continues with the next unseen block.
+Every block carries the position of its shard after it (epoch, part, first row of its window, document in the
+window, token offset). The data module keeps the position of the last block that training consumed, per shard, and
+Lightning saves it in the checkpoint: a resumed run opens that part at that row (other parts are not read) and
+continues with the next unseen block.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ log = logging.getLogger(__name__)
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".gz": "json"}
 
 
+class DataError(ValueError):
+    """A document source that cannot be read as text: the message names the file (or dataset) and the row."""
+
+
 @dataclass(frozen=True)
 class Source:
     """Where documents come from: local files (``files``) or a hub dataset (``path``, ``name``, ``split``)."""
@@ -45,31 +52,61 @@ class Source:
     split: str = "train"
     text_field: str = "text"
 
-    def open(self) -> Any:
+    def _hub(self) -> Any:
+        import datasets
+
+        return datasets.load_dataset(self.path, self.name, split=self.split, streaming=True)
+
+    def num_parts(self) -> int:
+        """Local files, or the hub dataset's data files: the units that shards can read without each other."""
+        return len(self.files) if self.files else self._hub().num_shards
+
+    def where(self, part: int) -> str:
+        return f"'{self.files[part]}'" if self.files else f"{self.path} ({self.name}, {self.split}) data file {part}"
+
+    def open(self, part: int) -> Any:
         import datasets
 
         if self.files:
-            ext = Path(self.files[0]).suffix
-            builder = BUILDERS.get(ext)
+            builder = BUILDERS.get(Path(self.files[part]).suffix)
             if builder is None:
-                raise ValueError(f"data: cannot read '{self.files[0]}': use one of {sorted(BUILDERS)} files")
-            return datasets.load_dataset(builder, data_files=list(self.files), split="train", streaming=True)
-        return datasets.load_dataset(self.path, self.name, split=self.split, streaming=True)
+                raise DataError(f"data: cannot read '{self.files[part]}': use one of {sorted(BUILDERS)} files")
+            return datasets.load_dataset(builder, data_files=[self.files[part]], split="train", streaming=True)
+        hub = self._hub()
+        return hub.shard(num_shards=hub.num_shards, index=part)
 
-    def documents(self, skip: int = 0, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
-        """Texts of this shard's documents, after skipping the first ``skip`` of the stream."""
-        i = 0
-        # .iter() rather than iter(): the latter would split files across dataloader workers behind our back.
-        for batch in self.open().iter(batch_size=256):
+    def rows(self, part: int, start: int = 0) -> Iterator[tuple[int, str]]:
+        """(row, text) of part ``part`` from row ``start`` on; unreadable files, a missing field and rows that are
+        not text are errors naming the file and row."""
+        if self.files and os.path.getsize(self.files[part]) == 0:
+            return  # datasets cannot open an empty file; it holds no documents
+        ds = self.open(part)
+        if start:
+            ds = ds.skip(start)
+        row, batches = start, ds.iter(batch_size=256)  # .iter(): not split across dataloader workers behind our back
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as err:  # pyarrow, json and Unicode errors say neither the file nor what to do
+                raise DataError(f"data: cannot read {self.where(part)} after row {row} ({type(err).__name__}: "
+                                f"{str(err)[:300]}); it must be UTF-8 text in the format its name says") from err
+            if batch is None:
+                return
             if self.text_field not in batch:
-                raise KeyError(
-                    f"data.text_field: documents of {self.files or self.path} have no field '{self.text_field}' "
-                    f"(fields: {sorted(batch)}); set data.text_field to one of them"
-                )
+                raise KeyError(f"data.text_field: documents of {self.where(part)} have no field '{self.text_field}' "
+                               f"(fields: {sorted(batch)}); set data.text_field to one of them")
             for text in batch[self.text_field]:
-                if i >= skip and (i - skip) % num_shards == shard:
-                    yield text
-                i += 1
+                if not isinstance(text, str):
+                    raise DataError(f"data: {self.where(part)} row {row}: '{self.text_field}' is {text!r}, not text; "
+                                    f"fix or drop that row")
+                yield row, text
+                row += 1
+
+    def documents(self) -> Iterator[str]:
+        """Every document's text, part after part, in order."""
+        for part in range(self.num_parts()):
+            for _, text in self.rows(part):
+                yield text
 
 
 def expand_files(files: Union[str, list[str], None], field: str) -> Optional[tuple[str, ...]]:
@@ -86,25 +123,43 @@ def expand_files(files: Union[str, list[str], None], field: str) -> Optional[tup
 
 
 class PackedStream(IterableDataset):
-    """Endless packed token blocks of one rank, split across its dataloader workers (see module docstring)."""
+    """Endless packed token blocks of one rank, split across its dataloader workers (see module docstring).
+
+    ``skip``: the first ``skip`` rows of part 0, held out for validation.
+    """
 
     def __init__(self, source: Source, tokenizer: str, seq_len: int, shuffle_buffer: int = 1000, seed: int = 42,
                  skip: int = 0) -> None:
         self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
         self.shuffle_buffer, self.seed, self.skip = max(1, shuffle_buffer), seed, skip
         self.rank, self.world = 0, 1
-        self.resume: dict[int, list[int]] = {}  # shard -> [epoch, window, doc, token offset]
+        self.resume: dict[int, list[int]] = {}  # shard -> [epoch, part index, window row, doc, token offset]
         self.rotation = 0  # which logical shard worker 0 plays, so that resumed batches keep their order
+        self.parts = source.num_parts()
 
-    def windows(self, shard: int, num_shards: int) -> Iterator[list[str]]:
+    def my_parts(self, epoch: int, shard: int, num_shards: int) -> tuple[list[int], bool]:
+        """The parts this shard reads in ``epoch`` (in order), and whether it reads them whole (else it keeps every
+        ``num_shards``-th document of each)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.parts).tolist()
+        if self.parts >= num_shards:
+            return order[shard::num_shards], True
+        return order, False
+
+    def windows(self, part: int, start: int, shard: int, num_shards: int, whole: bool) -> Iterator[tuple[int, list[str]]]:
+        """(first row, texts) of this shard's windows of ``shuffle_buffer`` documents of ``part``, from row ``start``."""
         window: list[str] = []
-        for text in self.source.documents(self.skip, shard, num_shards):
+        first = start
+        for row, text in self.source.rows(part, start):
+            if not window:
+                first = row
+            if (part == 0 and row < self.skip) or not (whole or (row + part) % num_shards == shard):
+                continue
             window.append(text)
             if len(window) == self.shuffle_buffer:
-                yield window
+                yield first, window
                 window = []
         if window:
-            yield window
+            yield first, window
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -113,37 +168,39 @@ class PackedStream(IterableDataset):
         num_shards = self.world * workers
         tok = loading.load_tokenizer(self.tokenizer)
         eos = tok.eos_token_id
-        epoch, start_w, start_d, start_t = self.resume.get(shard, [0, 0, 0, 0])
+        epoch, start_p, start_row, start_d, start_t = self.resume.get(shard, [0, 0, 0, 0, 0])
+        resumed = shard in self.resume
         block: list[int] = []
         need = self.seq_len + 1
         while True:
             produced = False
-            for w, window in enumerate(self.windows(shard, num_shards)):
-                if w < start_w:
-                    continue  # already consumed before the checkpoint: read, not tokenized
-                order = np.random.default_rng([self.seed, epoch, shard, w]).permutation(len(window))
-                texts = [window[k] for k in order[start_d:]]
-                ids_list = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-                for d, ids in enumerate(ids_list, start=start_d):
-                    ids = ids + [eos]
-                    t = start_t
-                    start_t = 0
-                    while t < len(ids):
-                        take = min(need - len(block), len(ids) - t)
-                        block.extend(ids[t:t + take])
-                        t += take
-                        if len(block) == need:
-                            produced = True
-                            pos = [epoch, w, d, t] if t < len(ids) else [epoch, w, d + 1, 0]
-                            yield {"input_ids": torch.tensor(block), "state": torch.tensor([shard, *pos])}
-                            block = []
-                start_d = 0
-            if not produced and start_w == 0:
+            parts, whole = self.my_parts(epoch, shard, num_shards)
+            for p in range(start_p, len(parts)):
+                for row, window in self.windows(parts[p], start_row, shard, num_shards, whole):
+                    order = np.random.default_rng([self.seed, epoch, shard, parts[p], row]).permutation(len(window))
+                    texts = [window[k] for k in order[start_d:]]
+                    ids_list = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+                    for d, ids in enumerate(ids_list, start=start_d):
+                        ids = ids + [eos]
+                        t = start_t
+                        start_t = 0
+                        while t < len(ids):
+                            take = min(need - len(block), len(ids) - t)
+                            block.extend(ids[t:t + take])
+                            t += take
+                            if len(block) == need:
+                                produced = True
+                                pos = [epoch, p, row, d, t] if t < len(ids) else [epoch, p, row, d + 1, 0]
+                                yield {"input_ids": torch.tensor(block), "state": torch.tensor([shard, *pos])}
+                                block = []
+                    start_d = 0
+                start_row = 0
+            if not produced and not resumed:
                 raise RuntimeError(
                     f"data: shard {shard} of {num_shards} (ranks x workers) got no full block of {need} tokens in a "
                     f"whole pass; the corpus is too small for this many ranks/workers or this seq_len"
                 )
-            epoch, start_w, block = epoch + 1, 0, []
+            epoch, start_p, block, resumed = epoch + 1, 0, [], False
 
 
 def pack_blocks(texts: Iterable[str], tok: Any, length: int, n_blocks: int) -> list[torch.Tensor]:
@@ -235,7 +292,8 @@ class StreamingDataModule(L.LightningDataModule):
         if tok.eos_token_id is None:
             raise ValueError(f"data.tokenizer: '{self.tokenizer}' has no EOS token to separate documents")
         train_src, val_src = self._sources()
-        next(iter(train_src.documents()), None)  # fail now on a missing text field, not in a worker
+        if next(iter(train_src.documents()), None) is None:  # fail now on an unreadable source, not in a worker
+            raise DataError(f"data: {train_src.files or train_src.path} holds no documents")
         skip = 0 if val_src else h.val_docs
         self.train = PackedStream(train_src, tokenizer, h.seq_len, h.shuffle_buffer, h.seed, skip=skip)
         if self.trainer is not None:
@@ -249,8 +307,8 @@ class StreamingDataModule(L.LightningDataModule):
         h = self.hparams
         tok = loading.load_tokenizer(tokenizer)
         docs = src.documents()
-        if src is self.train.source:
-            docs = itertools.islice(docs, h.val_docs)
+        if src is self.train.source:  # the first val_docs rows of the first part, which training skips
+            docs = itertools.islice((text for _, text in src.rows(0)), h.val_docs)
         need = h.seq_len + 1
         blocks = pack_blocks(docs, tok, need, h.val_blocks)
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -305,7 +363,7 @@ class StreamingDataModule(L.LightningDataModule):
             next_worker = [n for _, n in gathered]
         h = self.hparams
         return {"positions": positions, "next_worker": next_worker, "workers": max(1, h.num_workers),
-                "world": len(next_worker), "seq_len": h.seq_len, "seed": h.seed, "shuffle_buffer": h.shuffle_buffer,
+                "world": len(next_worker), "parts": self.train.parts if self.train else None, "seq_len": h.seq_len, "seed": h.seed, "shuffle_buffer": h.shuffle_buffer,
                 "batch_size": h.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -313,13 +371,14 @@ class StreamingDataModule(L.LightningDataModule):
 
     def _check_restorable(self, state: dict[str, Any], workers: int) -> None:
         h = self.hparams
-        now = {"workers": workers, "world": self.train.world, "seq_len": h.seq_len, "seed": h.seed,
+        now = {"workers": workers, "world": self.train.world, "parts": self.train.parts, "seq_len": h.seq_len, "seed": h.seed,
                "shuffle_buffer": h.shuffle_buffer, "batch_size": h.batch_size}
         diff = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
         if diff:
             fields = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
             raise ValueError(f"data: cannot resume the stream position with a different layout ({fields}); "
-                             f"use the checkpoint's values (world = devices x nodes, workers = data.num_workers)")
+                             f"use the checkpoint's values (world = devices x nodes, workers = data.num_workers, "
+                             f"parts = the corpus's files)")
 
 
 def _hub_reachable(path: Optional[str], name: Optional[str]) -> bool:

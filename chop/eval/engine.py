@@ -15,6 +15,7 @@ kernels, so bf16 numbers then differ from lm-eval's by bf16 rounding (float32 on
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -120,7 +121,9 @@ class Scorer:
         self.head = output_head(model)
         config = model.config.get_text_config()
         sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-        maskable = not sliding and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+        # Shared rows restart each continuation's positions: models that take none (ALiBi: BLOOM) cannot.
+        positional = "position_ids" in inspect.signature(type(model.base_model).forward).parameters
+        maskable = not sliding and positional and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
         self.share = share_contexts and maskable
 
     @property

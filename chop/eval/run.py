@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +46,7 @@ def tokenizer_of(model: str) -> PreTrainedTokenizerBase:
     if model.endswith(".ckpt"):
         from chop.training.pretrain import read_checkpoint_meta
 
-        name = read_checkpoint_meta(model).get("tokenizer")
+        name = read_checkpoint_meta(model, "--model").get("tokenizer")
     if name is None:
         raise ValueError(f"--model: '{model}' records no tokenizer; evaluate its exported HF directory instead")
     return load_tokenizer(name)
@@ -59,7 +60,7 @@ def load(model: str, dtype: str, device: str) -> PreTrainedModel:
     if model.endswith(".ckpt"):
         from chop.training.pretrain import model_from_checkpoint
 
-        net = model_from_checkpoint(model)[0].to(DTYPES[dtype])
+        net = model_from_checkpoint(model, "--model")[0].to(DTYPES[dtype])
     else:
         net = load_model(model, dtype=dtype)
     net = net.to(device).eval()
@@ -67,6 +68,20 @@ def load(model: str, dtype: str, device: str) -> PreTrainedModel:
         with torch.inference_mode():
             net(input_ids=torch.zeros(8, 128, dtype=torch.long, device=net.device), use_cache=False)
     return net
+
+
+def check_output(output: str) -> None:
+    """Make ``output``'s folder now, and refuse a file that exists or cannot be written, before any scoring."""
+    path = Path(output)
+    if path.exists():
+        raise FileExistsError(f"--output: '{output}' exists; choose another file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output: cannot make the folder of '{output}' ({err.strerror}: a part of the path is a "
+                         f"file, or not writable); choose another file") from err
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"--output: the folder '{path.parent}' is not writable; choose another file")
 
 
 def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
@@ -89,8 +104,8 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
             numbers equal to lm-eval's only to the dtype's rounding (default: one row per input, lm-eval's numbers).
     """
     get(tasks)  # an unknown task fails here, before any model loads
-    if output and Path(output).exists():
-        raise FileExistsError(f"--output: '{output}' exists; choose another file")
+    if output:
+        check_output(output)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     clock = Clock()
@@ -112,7 +127,6 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     out = {"model": model, "tasks": tasks, "limit": limit, "dtype": dtype, "device": device, "seconds": seconds,
            "phases": clock.phases, **to_json(results, samples)}
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(out, indent=2))
     return out
 

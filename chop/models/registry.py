@@ -38,6 +38,17 @@ ARCHITECTURES: dict[str, Architecture] = {
                                                            "self_attn.out_proj"), mlp_in=("fc1",), mlp_out="fc2"),
     "gpt2": Architecture("transformer.h"),
     "gpt_neox": Architecture("gpt_neox.layers"),
+    # Layer chopping and distillation only (no structured-pruning names): MoE MLPs, fused or biased projections.
+    "mixtral": Architecture("model.layers"),
+    "qwen2_moe": Architecture("model.layers"),
+    "qwen3_moe": Architecture("model.layers"),
+    "falcon": Architecture("transformer.h"),
+    "stablelm": Architecture("model.layers"),
+    "phi": Architecture("model.layers"),
+    "gptj": Architecture("transformer.h"),
+    "bloom": Architecture("transformer.h"),
+    "starcoder2": Architecture("model.layers"),
+    "cohere": Architecture("model.layers"),
 }
 
 

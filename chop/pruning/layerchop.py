@@ -177,8 +177,40 @@ def apply_chop(model: PreTrainedModel, kept: Iterable[int]) -> PreTrainedModel:
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
     for name in _per_layer_fields(config, n_layers):
         setattr(config, name, [getattr(config, name)[i] for i in kept])
+    _keep_layer_kinds(config, kept)
     config.num_hidden_layers = len(kept)
+    _check_config_describes(model)
     return model
+
+
+def _keep_layer_kinds(config: PretrainedConfig, kept: list[int]) -> None:
+    """Rewrite config fields that give layer kinds by index (not as per-layer lists), so that each kept layer keeps
+    its kind under its new index: Qwen2/3-MoE's ``mlp_only_layers``/``decoder_sparse_step`` and DeepSeek's
+    ``first_k_dense_replace``."""
+    if hasattr(config, "mlp_only_layers") and hasattr(config, "decoder_sparse_step"):
+        step, dense = config.decoder_sparse_step or 1, set(config.mlp_only_layers or [])
+        sparse = [i not in dense and getattr(config, "num_experts", 0) > 0 and (i + 1) % step == 0 for i in kept]
+        config.decoder_sparse_step = 1
+        config.mlp_only_layers = [j for j, s in enumerate(sparse) if not s]
+    if getattr(config, "first_k_dense_replace", None) is not None and getattr(config, "moe_layer_freq", 1) == 1:
+        config.first_k_dense_replace = sum(i < config.first_k_dense_replace for i in kept)  # kept in order: a prefix
+
+
+def _check_config_describes(model: PreTrainedModel) -> None:
+    """Refuse a chop whose config would rebuild another architecture (a layer kind given by index that
+    ``_keep_layer_kinds`` does not know): ``from_pretrained`` would load such a model with random layers."""
+    from chop.models.loading import from_config
+
+    with torch.device("meta"):
+        fresh = from_config(model.config)
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != have:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise NotImplementedError(
+            f"chop: after the chop, {model.config.model_type}'s config no longer describes the model ({len(diff)} "
+            f"weights differ, e.g. {diff[:3]}): a config field gives layer kinds by index. Teach "
+            f"chop.pruning.layerchop._keep_layer_kinds that field, or keep those layers")
 
 
 def num_params(model: nn.Module) -> int:

@@ -41,6 +41,7 @@ class ComputeBudget(Callback):
 
     The training module turns the budget into ``trainer.max_steps`` before it builds the learning-rate schedule, so
     the schedule ends where the budget does; equal-compute comparisons differ only in this line of their configs.
+    Under gradient accumulation it stops only after a whole optimizer step.
     FLOPs are the module's ``flops_per_token`` (a distillation student's 6N plus its teacher's 2N, attention included).
     """
 
@@ -67,20 +68,32 @@ class ComputeBudget(Callback):
         return min(limits)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # stop only where an optimizer step has just been taken, as the schedule does
         if (self.max_tokens is not None and pl_module.tokens_seen >= self.max_tokens) or \
                 (self.max_flops is not None and pl_module.flops_seen >= self.max_flops):
             trainer.should_stop = True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it into place.
+    """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it into place; reads
+    them as data only (``weights_only=True``), refusing a file that would need pickled code.
 
-    A crash while saving leaves the previous file (e.g. ``last.ckpt``) whole.
+    A crash while saving leaves the previous file (e.g. ``last.ckpt``) whole, and a stale temporary file of an
+    earlier killed save is removed by the next save into that folder.
     """
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        from chop.models.checkpoint import load_checkpoint
+
+        return load_checkpoint(path)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(".*.ckpt.*.tmp"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:

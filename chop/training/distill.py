@@ -159,30 +159,38 @@ class Distillation(ContinuedPretraining):
         self.teacher.eval()
         self.teacher.config.use_cache = False
         self.teacher_size = ModelSize.of(self.teacher)
-        body = self.teacher.base_model
-        self.__dict__["_teacher_body"] = torch.compile(body) if self.compile_forward else body
-        self.__dict__["_teacher_head"] = output_head(self.teacher) if self.loss_cfg.logits else None
+        self._bind_teacher()
         self._hook_layers()
-        self._separate_fsdp_units()
+        self._fsdp_units()
 
-    def _separate_fsdp_units(self) -> None:
-        """FSDP flattens each unit's parameters into one tensor of one dtype, so the bf16 teacher's embeddings and
-        head must not share the root unit with the fp32 student's: each model becomes a unit of its own."""
+    def _fsdp_units(self) -> None:
+        """Under FSDP, the wrap policy that shards both models: every decoder layer of each is a unit; the bf16
+        teacher's body (embeddings, final norm) and head are units of their own, apart from the fp32 student's weights
+        in the root unit (a unit holds one dtype). The loss calls the teacher's body and head directly, so each must
+        be its own unit; a head tied to the embeddings cannot be, and then the teacher's embeddings, norm and head are
+        one unit replicated on every rank (``NO_SHARD``), its layers still sharded."""
         from lightning.pytorch.strategies import FSDPStrategy
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from torch.distributed.fsdp import ShardingStrategy
+        from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
 
         strategy = self.trainer.strategy if self._trainer is not None else None
         if not isinstance(strategy, FSDPStrategy):
             return
-        models = {type(self.model), type(self.teacher)}
         policy = strategy.kwargs.get("auto_wrap_policy")
-        if policy is None:
-            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(models)
-        elif isinstance(policy, ModuleWrapPolicy):
-            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(policy._module_classes | models)
-        else:
+        if policy is not None and not isinstance(policy, ModuleWrapPolicy):
             raise ValueError("trainer.strategy.init_args.auto_wrap_policy: with a teacher, give it as a list of layer "
-                             "classes (chop adds the two models' classes so that each is an FSDP unit of its own)")
+                             "classes (chop adds both models' decoder layers and the teacher's body and head)")
+        layers = {type(m) for net in (self.model, self.teacher) for m in decoder_layers(net)}
+        layers |= set(policy._module_classes) if policy is not None else set()
+        teacher, body, head = self.teacher, self.teacher.base_model, self.teacher.get_output_embeddings()
+        tied = any(p is q for p in head.parameters() for q in body.parameters())
+
+        def unit(module: nn.Module) -> Any:
+            if module is teacher and tied:
+                return {"sharding_strategy": ShardingStrategy.NO_SHARD}
+            return type(module) in layers or (not tied and (module is body or module is head))
+
+        strategy.kwargs["auto_wrap_policy"] = CustomPolicy(unit)
 
     def _hook_layers(self) -> None:
         """Forward hooks that keep the outputs the hidden-state and embedding losses compare."""
@@ -221,6 +229,14 @@ class Distillation(ContinuedPretraining):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.teacher.eval()  # a strategy's wrappers around the teacher (FSDP units) start in train mode
+        self._bind_teacher()  # again: the strategy may have wrapped the body and head in FSDP units since
+
+    def _bind_teacher(self) -> None:
+        """The teacher's body and head as they are now (FSDP units, once the strategy wrapped them: each call then
+        gathers their shards); kept outside the module tree."""
+        body = self.teacher.base_model
+        self.__dict__["_teacher_body"] = torch.compile(body) if self.compile_forward else body
+        self.__dict__["_teacher_head"] = output_head(self.teacher) if self.loss_cfg.logits else None
 
     # -- losses ---------------------------------------------------------------------------------------------------
     def training_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ Other training modules (distillation, classification) subclass it and override `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import AutoConfig, PreTrainedModel
 
+from chop.models.checkpoint import load_checkpoint
 from chop.models.loading import DTYPES, from_config, load_config, load_model
 from chop.models.registry import num_layers
 from chop.pruning.layerchop import ChopPlan, LayerChop, chop
@@ -51,6 +53,8 @@ class ContinuedPretraining(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         export_on_end: at the end of ``fit``, write the model and tokenizer as a Hugging Face directory
             ``hf/`` beside the checkpoints.
+        max_nonfinite_steps: optimizer steps in a row whose gradients are not finite (NaN/inf loss, overflow) before
+            training stops with an error; such steps are skipped (no update), so checkpoints keep the last good weights.
         logit_chunk: tokens per chunk in which logits and their losses are computed, so that the full
             ``[tokens, vocab]`` float32 logits never exist at once. Default: 512 MiB of float32 logits per chunk
             (``losses.chunk_for``); 0: all at once.
@@ -70,6 +74,7 @@ class ContinuedPretraining(L.LightningModule):
         gradient_checkpointing: bool = False,
         export_on_end: bool = True,
         logit_chunk: Optional[int] = None,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         super().__init__()
         chop = LayerChop(**chop) if isinstance(chop, dict) else chop  # Python callers may pass plain dicts
@@ -80,12 +85,23 @@ class ContinuedPretraining(L.LightningModule):
             raise ValueError("model.name: give a hub id or directory, or model.config with a model_type for random init")
         if logit_chunk is not None and logit_chunk < 0:
             raise ValueError(f"model.logit_chunk: {logit_chunk} must be >= 0 (0 computes all logits at once)")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps: {max_nonfinite_steps} must be >= 1")
         self.save_hyperparameters()
+        for key, value in list(self.hparams.items()):  # plain data, so that checkpoints load with weights_only=True
+            if dataclasses.is_dataclass(value):
+                self.hparams[key] = dataclasses.asdict(value)
         # LightningCLI stores its config (plain dicts) as hparams: keep the typed arguments themselves too.
         self.name, self.config_overrides, self.dtype_name, self.attn = name, config, dtype, attn_implementation
         self.chop_spec, self.optim_cfg, self.tokenizer_name = chop, optim, tokenizer or name
         self.compile_forward, self.gradient_checkpointing, self.export_on_end = compile, gradient_checkpointing, export_on_end
-        self.logit_chunk = logit_chunk
+        self.logit_chunk, self.max_nonfinite_steps = logit_chunk, max_nonfinite_steps
+        self.resume_checkpoint: Optional[str] = None  # set by `chop fit --ckpt_path`: the architecture comes from it
+        self._nonfinite_steps = 0
+        # The random state after the last training step's forward, set again as the next step starts: what
+        # runs in between (validation's data iterators, a checkpoint's reload) cannot shift dropout, so a resumed run
+        # draws the very numbers an uninterrupted one draws.
+        self._training_rng: Optional[dict] = None
         self.model: Optional[PreTrainedModel] = None
         self.plan: Optional[ChopPlan] = None
         self.tokens_seen, self.flops_seen, self.device_seconds = 0, 0.0, 0.0
@@ -116,7 +132,7 @@ class ContinuedPretraining(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        resume = self._checkpoint_meta()
+        resume = read_checkpoint_meta(self.resume_checkpoint) if self.resume_checkpoint else None
         if resume is not None:
             # The architecture comes from the checkpoint (already chopped); its weights are loaded by Lightning next.
             cfg = AutoConfig.for_model(**resume["config"])
@@ -148,11 +164,16 @@ class ContinuedPretraining(L.LightningModule):
         self.__dict__["_body"] = torch.compile(body) if self.compile_forward else body
         self.__dict__["_head"] = output_head(self.model)
 
-    def _checkpoint_meta(self) -> Optional[dict]:
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        if not path:
-            return None
-        return read_checkpoint_meta(path)
+    def setup(self, stage: str) -> None:
+        self.check_data(self.trainer.datamodule)
+
+    def check_data(self, datamodule: Any) -> None:
+        """Refuse, before any weights load, training blocks longer than the model's positions."""
+        seq = getattr(datamodule, "hparams", {}).get("seq_len")
+        limit = getattr(self.source_config().get_text_config(), "max_position_embeddings", None)
+        if seq and limit and seq > limit:
+            raise ValueError(f"data.seq_len: {seq} is longer than the model's max_position_embeddings ({limit}, "
+                             f"{self.source}); lower data.seq_len to at most {limit}")
 
     # -- steps ------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -214,13 +235,17 @@ class ContinuedPretraining(L.LightningModule):
         self._clock = time.perf_counter()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._training_rng is not None:
+            set_rng_states(self._training_rng)
         ids = batch["input_ids"][:, :-1]
         if getattr(self, "_batch_shape", None) != ids.shape:
             self._batch_shape = ids.shape
             self._flops_per_batch = self.flops_per_token(ids.shape[1]) * ids.numel()
 
     def _count_compute(self) -> None:
-        """Cumulative tokens, training FLOPs and device-hours (wall time x devices), over all ranks and resumes."""
+        """Cumulative tokens, training FLOPs and device-hours (wall time x devices), over all ranks and resumes; and
+        the random state the next step starts from (checkpoints save it). Every training step ends with it."""
+        self._training_rng = rng_state()
         world, now = self.trainer.world_size, time.perf_counter()
         self.tokens_seen += self._batch_shape.numel() * world
         self.flops_seen += self._flops_per_batch * world
@@ -243,6 +268,26 @@ class ContinuedPretraining(L.LightningModule):
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Skip an update whose gradients are not finite on any rank; stop after ``max_nonfinite_steps`` in a row."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            self._nonfinite_steps = 0
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None  # the optimizer skips parameters without a gradient: no update this step
+        self._nonfinite_steps += 1
+        log.warning("step %d: loss or gradients not finite; update skipped (%d in a row)", self.global_step,
+                    self._nonfinite_steps)
+        if self._nonfinite_steps >= self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"training stopped at step {self.global_step}: the loss or gradients were not finite for "
+                f"{self._nonfinite_steps} steps in a row (model.max_nonfinite_steps). The weights were not updated by "
+                f"those steps, so the last checkpoint holds the last good ones. Usually model.optim.lr is too high "
+                f"(it is {self.optim_cfg.lr}): lower it, or resume from an earlier checkpoint with --ckpt_path")
+
     def configure_optimizers(self) -> dict:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         budgets = [cb.max_steps(self.trainer, self) for cb in self.trainer.callbacks if isinstance(cb, ComputeBudget)]
@@ -264,12 +309,33 @@ class ContinuedPretraining(L.LightningModule):
             "tokens_seen": self.tokens_seen,
             "flops_seen": self.flops_seen,
             "device_seconds": self.device_seconds,
+            "settings": self.settings(),
+            "rng": rng_states_of_every_rank(self._training_rng),  # per rank, as the next step will start
         }
+
+    def settings(self) -> dict:
+        """What makes this run's model, as plain data: a resume must agree on all of it (``check_resume``)."""
+        return {"model.config": self.config_overrides,
+                "model.chop": dataclasses.asdict(self.chop_spec) if self.chop_spec else None,
+                "model.pruning": dataclasses.asdict(self.pruning) if self.pruning else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CKPT_KEY, {})
+        if "config" in meta and self.model is not None:
+            differ = config_differences(meta["config"], self.model.config.to_dict())
+            if differ:
+                raise ValueError(f"--ckpt_path: the checkpoint's model differs from this run's in {differ}; resume "
+                                 f"through `chop fit --ckpt_path` (it builds the model from the checkpoint), or set "
+                                 f"model.resume_checkpoint before fit")
         self.tokens_seen, self.flops_seen = meta.get("tokens_seen", 0), meta.get("flops_seen", 0.0)
         self.device_seconds = meta.get("device_seconds", 0.0)
+        states = meta.get("rng") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if len(states) == (self.trainer.world_size if self._trainer is not None else 1):
+            self._training_rng = states[rank]
+        elif states:
+            log.warning("checkpoint has random states of %d ranks, this run has %d: dropout differs from an "
+                        "uninterrupted run", len(states), self.trainer.world_size)
 
     def on_fit_start(self) -> None:
         out = self.output_dir()
@@ -296,33 +362,67 @@ class ContinuedPretraining(L.LightningModule):
         return Path(cb.dirpath) if cb is not None and cb.dirpath else None
 
 
-def read_checkpoint_meta(path: str) -> dict:
+def read_checkpoint_meta(path: str, field: str = "--ckpt_path") -> dict:
     """chop's part of a Lightning checkpoint, or a clear error when the file is not a readable chop checkpoint."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise ValueError(f"--ckpt_path: '{path}' is not a readable checkpoint ({type(err).__name__}: {err}); "
-                         f"it may be truncated or corrupt: pick another one, e.g. an earlier step's") from err
+    ckpt = load_checkpoint(path, field)
     if CKPT_KEY not in ckpt:
-        raise ValueError(f"--ckpt_path: '{path}' is not a chop checkpoint (no '{CKPT_KEY}' entry)")
+        raise ValueError(f"{field}: '{path}' is not a chop checkpoint (no '{CKPT_KEY}' entry)")
     meta = dict(ckpt[CKPT_KEY])
     meta["hyper_parameters"] = ckpt.get("hyper_parameters", {})
     return meta
 
 
-def model_from_checkpoint(ckpt: str) -> tuple[Any, Optional[str]]:
+def model_from_checkpoint(ckpt: str, field: str = "--ckpt") -> tuple[Any, Optional[str]]:
     """The trained model of a chop Lightning checkpoint, and its tokenizer's name."""
-    meta = read_checkpoint_meta(ckpt)
+    full = load_checkpoint(ckpt, field)
+    if CKPT_KEY not in full:
+        raise ValueError(f"{field}: '{ckpt}' is not a chop checkpoint (no '{CKPT_KEY}' entry)")
+    meta = full[CKPT_KEY]
     model = from_config(AutoConfig.for_model(**meta["config"]))
-    state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    state = full["state_dict"]
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"--ckpt: the weights in '{ckpt}' do not fit the model config it records: {err}") from err
+        raise ValueError(f"{field}: the weights in '{ckpt}' do not fit the model config it records: {err}") from err
     return model, meta["tokenizer"]
+
+
+# Config entries that say nothing about the architecture (where and how it was saved).
+_VOLATILE = {"transformers_version", "_name_or_path", "use_cache", "dtype", "torch_dtype", "architectures",
+             "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "chop_plan"}
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    """The architecture fields in which two configs (``to_dict()``) differ, each as 'field: saved vs now'."""
+    keys = sorted((set(saved) | set(now)) - _VOLATILE)
+    return [f"{k}: {saved.get(k)!r} vs {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def rng_state() -> dict:
+    """This process's python, numpy, torch and CUDA random states, as plain data (``weights_only`` loads it)."""
+    from lightning.fabric.utilities.seed import _collect_rng_states
+
+    state = _collect_rng_states()
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    return {**state, "numpy": (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)}
+
+
+def rng_states_of_every_rank(mine: Optional[dict] = None) -> list[dict]:
+    """``mine`` (default: the current random state) of every rank, in rank order (all ranks must call this)."""
+    mine = mine or rng_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    every: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def set_rng_states(state: dict) -> None:
+    from lightning.fabric.utilities.seed import _set_rng_states
+
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    _set_rng_states({**state, "numpy": (kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss)})
 
 
 def export_hf(model: PreTrainedModel, tokenizer: Optional[str], out: Path, state_dict: Optional[dict] = None) -> Path:
