@@ -49,4 +49,5 @@ class RecordSharding(Callback):
             json.dump({"teacher_local": local(pl_module.teacher), "student_local": local(pl_module.model),
                        "teacher_units": sum(isinstance(m, FullyShardedDataParallel) for m in pl_module.teacher.modules()),
                        "teacher_dtypes": sorted({str(p.dtype) for p in pl_module.teacher.parameters()}),
-                       "teacher_training": any(m.training for m in pl_module.teacher.modules())}, f)
+                       "teacher_training": any(m.training for m in pl_module.teacher.modules()),
+                       "decayed": len(trainer.optimizers[0].param_groups[0]["params"])}, f)

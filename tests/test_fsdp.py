@@ -48,6 +48,7 @@ def test_fsdp_distillation_shards_the_teacher_and_resumes_exactly(tmp_path, tied
     assert all(r["teacher_units"] >= 6 for r in ranks), ranks  # ... wrapped layer by layer
     assert all(r["teacher_dtypes"] == ["torch.bfloat16"] for r in ranks), ranks
     assert all(r["teacher_training"] is False for r in ranks), ranks
+    assert all(r["decayed"] >= 4 * 7 for r in ranks), ranks  # every student layer's 7 matrices, though sharded flat
 
     killed = run_cli(*args(broken, "--trainer.max_steps=8", *extra,
                            callbacks=[record(broken), ("helpers.KillAt", {"step": 4})], config=TINY_DISTILL,

@@ -162,6 +162,7 @@ class Distillation(ContinuedPretraining):
         self._bind_teacher()
         self._hook_layers()
         self._fsdp_units()
+        self._prepare_for_strategy()  # again: the projections are new parameters
 
     def _fsdp_units(self) -> None:
         """Under FSDP, the wrap policy that shards both models: every decoder layer of each is a unit; the bf16

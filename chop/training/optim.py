@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -33,12 +34,17 @@ class Optim:
             raise ValueError("model.optim: lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms' scales and biases (1-D parameters) get none."""
+def param_groups(model: nn.Module, weight_decay: float, matrices: Optional[set[str]] = None) -> list[dict]:
+    """Weight decay on matrices only: norms' scales and biases (1-D parameters) get none.
+
+    ``matrices``: the names of the matrices, noted before a strategy flattened them (FSDP shards every parameter
+    into a 1-D piece); default: the parameters that are 2-D now.
+    """
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            (decay if (name in matrices if matrices is not None else p.ndim >= 2) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -79,9 +85,9 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def build(model: nn.Module, cfg: Optim, total_steps: int) -> dict:
+def build(model: nn.Module, cfg: Optim, total_steps: int, matrices: Optional[set[str]] = None) -> dict:
     """Optimizer and per-step scheduler in the form ``LightningModule.configure_optimizers`` returns."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, matrices)
     if cfg.name == "lion":
         opt: torch.optim.Optimizer = Lion(groups, lr=cfg.lr, betas=cfg.betas)
     else:

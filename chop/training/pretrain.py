@@ -163,6 +163,17 @@ class ContinuedPretraining(L.LightningModule):
         body = self.model.base_model
         self.__dict__["_body"] = torch.compile(body) if self.compile_forward else body
         self.__dict__["_head"] = output_head(self.model)
+        self._prepare_for_strategy()
+
+    def _prepare_for_strategy(self) -> None:
+        """Note which parameters are matrices (weight decay) before a strategy flattens them; under FSDP, keep the
+        original parameters visible (``use_orig_params``), so that the optimizer and its checkpointed state are keyed
+        by parameter and the decay groups hold."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        self._matrices = {name for name, p in self.named_parameters() if p.ndim >= 2}
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.kwargs.setdefault("use_orig_params", True)
 
     def setup(self, stage: str) -> None:
         self.check_data(self.trainer.datamodule)
@@ -297,7 +308,8 @@ class ContinuedPretraining(L.LightningModule):
         if not math.isfinite(total):
             raise ValueError("trainer.max_steps: set it (or a ComputeBudget callback); the learning-rate schedule "
                              "and an endless stream need a length")
-        return optim.build(self, self.optim_cfg, int(total))  # every trainable parameter; a frozen teacher has none
+        # Every trainable parameter (a frozen teacher has none); decay on the matrices noted before any sharding.
+        return optim.build(self, self.optim_cfg, int(total), getattr(self, "_matrices", None))
 
     # -- checkpoints and export -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
