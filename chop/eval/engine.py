@@ -122,7 +122,8 @@ class Scorer:
         config = model.config.get_text_config()
         sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
         # Shared rows restart each continuation's positions: models that take none (ALiBi: BLOOM) cannot.
-        positional = "position_ids" in inspect.signature(type(model.base_model).forward).parameters
+        body = model.base_model
+        positional = "position_ids" in inspect.signature(getattr(body, "forward", body)).parameters
         maskable = not sliding and positional and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
         self.share = share_contexts and maskable
 
