@@ -374,11 +374,17 @@ class ContinuedPretraining(L.LightningModule):
         return Path(cb.dirpath) if cb is not None and cb.dirpath else None
 
 
-def read_checkpoint_meta(path: str, field: str = "--ckpt_path") -> dict:
-    """chop's part of a Lightning checkpoint, or a clear error when the file is not a readable chop checkpoint."""
+def load_chop_checkpoint(path: str, field: str = "--ckpt_path") -> dict:
+    """A whole chop Lightning checkpoint, or a clear error when the file is not a readable chop checkpoint."""
     ckpt = load_checkpoint(path, field)
     if CKPT_KEY not in ckpt:
         raise ValueError(f"{field}: '{path}' is not a chop checkpoint (no '{CKPT_KEY}' entry)")
+    return ckpt
+
+
+def read_checkpoint_meta(path: str, field: str = "--ckpt_path") -> dict:
+    """chop's part of a Lightning checkpoint (and its hyperparameters)."""
+    ckpt = load_chop_checkpoint(path, field)
     meta = dict(ckpt[CKPT_KEY])
     meta["hyper_parameters"] = ckpt.get("hyper_parameters", {})
     return meta
@@ -386,9 +392,7 @@ def read_checkpoint_meta(path: str, field: str = "--ckpt_path") -> dict:
 
 def model_from_checkpoint(ckpt: str, field: str = "--ckpt") -> tuple[Any, Optional[str]]:
     """The trained model of a chop Lightning checkpoint, and its tokenizer's name."""
-    full = load_checkpoint(ckpt, field)
-    if CKPT_KEY not in full:
-        raise ValueError(f"{field}: '{ckpt}' is not a chop checkpoint (no '{CKPT_KEY}' entry)")
+    full = load_chop_checkpoint(ckpt, field)
     meta = full[CKPT_KEY]
     model = from_config(AutoConfig.for_model(**meta["config"]))
     state = full["state_dict"]
