@@ -49,16 +49,13 @@ def plain(args, compile_: bool) -> float:
     return (args.steps - args.warmup) * args.batch * args.seq / (time.perf_counter() - t0)
 
 
-def chop_fit(args, compile_: bool) -> float:
+def step_timer(warmup: int):
+    """A Lightning callback that times training from optimizer step ``warmup`` (t0) to the end (t1)."""
     import lightning as L
-
-    from chop.data.streaming import StreamingDataModule
-    from chop.training.optim import Optim
-    from chop.training.pretrain import ContinuedPretraining
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, *_):
-            if trainer.global_step == args.warmup:
+            if trainer.global_step == warmup:
                 torch.cuda.synchronize()
                 self.t0 = time.perf_counter()
 
@@ -66,7 +63,17 @@ def chop_fit(args, compile_: bool) -> float:
             torch.cuda.synchronize()
             self.t1 = time.perf_counter()
 
-    timer = Timer()
+    return Timer()
+
+
+def chop_fit(args, compile_: bool) -> float:
+    import lightning as L
+
+    from chop.data.streaming import StreamingDataModule
+    from chop.training.optim import Optim
+    from chop.training.pretrain import ContinuedPretraining
+
+    timer = step_timer(args.warmup)
     model = ContinuedPretraining(tokenizer=args.tokenizer, config=LLAMA_1B, dtype="float32", compile=compile_,
                                  optim=Optim(lr=3e-4, warmup_steps=10), export_on_end=False)
     data = StreamingDataModule(tokenizer=args.tokenizer, train_files=[args.train_files], seq_len=args.seq,

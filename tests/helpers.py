@@ -51,3 +51,45 @@ class RecordSharding(Callback):
                        "teacher_dtypes": sorted({str(p.dtype) for p in pl_module.teacher.parameters()}),
                        "teacher_training": any(m.training for m in pl_module.teacher.modules()),
                        "decayed": len(trainer.optimizers[0].param_groups[0]["params"])}, f)
+
+
+from lightning.pytorch.strategies import FSDPStrategy as _FSDPStrategy
+
+
+class CPUFSDP(_FSDPStrategy):
+    """Lightning's FSDP strategy, allowed on CPU processes (gloo): Lightning refuses ``FSDPStrategy`` itself without
+    a GPU, but torch's FSDP runs on CPU, so the sharding and checkpoint logic can be tested where CI runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import lightning.pytorch.strategies.fsdp as strategy
+
+        strategy._get_full_state_dict_context = _full_state_dict_on_cpu
+
+    def _setup_model(self, model):
+        import torch
+        import torch.distributed.fsdp as fsdp
+
+        real = fsdp.FullyShardedDataParallel
+
+        class OnCPU(real):  # Lightning passes device_id=None on CPU, which FSDP refuses; the units inherit it
+            def __init__(self, *args, device_id=None, **kwargs):
+                super().__init__(*args, device_id=torch.device("cpu"), **kwargs)
+
+        fsdp.FullyShardedDataParallel = OnCPU
+        try:
+            return super()._setup_model(model)
+        finally:
+            fsdp.FullyShardedDataParallel = real
+
+
+def _full_state_dict_on_cpu(module, world_size, rank0_only=True):
+    """Lightning's full state-dict context without ``offload_to_cpu``, which assumes GPU tensors: on CPU, FSDP's
+    offload frees the very storage the model's state dict holds (a segfault), and ``.cpu()`` copies nothing, so every
+    optimizer state of a parameter (Adam's two moments) would be one view of a reused gather buffer."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import torch
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 class ZeroShotEvalCallback(Callback):
     """Runs ``tasks`` on the model being trained; logs ``eval/<task>/<metric>`` and ``eval/average`` to the loggers
-    and writes ``eval-step=<N>.json`` beside the checkpoints. Under DDP every rank scores a share of the requests.
+    and writes ``eval-step=<N>.json`` beside the checkpoints. Under DDP every rank scores a share of the requests;
+    under FSDP too, on the sharded model, each forward run through the sharded root (which gathers its weights).
 
     Args:
         tasks: task names or groups (``just_chop``, ``suite``), comma-separated.
@@ -45,11 +47,6 @@ class ZeroShotEvalCallback(Callback):
         self.last_step = -1
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if isinstance(trainer.strategy, FSDPStrategy):
-            raise ValueError("ZeroShotEvalCallback: not supported under FSDP yet (it scores through the unsharded "
-                             "model); evaluate the exported checkpoint with `python -m chop eval`")
         if self.docs is None:  # before the first step, so that missing data fails early
             from chop.models.loading import load_tokenizer
 
@@ -73,9 +70,9 @@ class ZeroShotEvalCallback(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with trainer.precision_plugin.forward_context(), torch.inference_mode():
+            with trainer.precision_plugin.forward_context(), torch.no_grad():
                 scorer = Scorer(pl_module.model, self.tokenizer, self.batch_size, share_contexts=self.share_contexts,
-                                encoder=self.encoder)
+                                encoder=self.encoder, sharded=_through_sharded_root(trainer, pl_module))
                 for task in get(self.tasks):  # blocks need the tokenizer: packed at the first run, then kept
                     if task.name not in self.docs:
                         self.docs[task.name] = block_docs(task, scorer, self.data_dir, self.limit)
@@ -101,3 +98,22 @@ class ZeroShotEvalCallback(Callback):
             version += 1
             path = folder / f"eval-step={out['step']}-v{version}.json"
         path.write_text(json.dumps(out, indent=2))
+
+
+def _through_sharded_root(trainer: Any, pl_module: Any) -> Optional[Callable]:
+    """Under FSDP, a function that runs ``fn(*args)`` inside the root unit's forward, as Lightning runs a training
+    step: the weights outside the decoder layers (embeddings, final norm, head) are gathered only there."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+
+    def run(fn: Callable, *args: Any) -> Any:
+        pl_module.__dict__["_zero_shot_forward"] = fn
+        try:
+            return _ForwardRedirection()(trainer.model, pl_module, "_zero_shot_forward", *args)
+        finally:
+            del pl_module.__dict__["_zero_shot_forward"]
+
+    return run

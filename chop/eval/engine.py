@@ -6,7 +6,8 @@ the same share it: the one-token answers of a multiple-choice question). The mod
 length-sorted rows, right-padded and without an attention mask (causal, so padding changes nothing before it, and
 the attention kernel is the one lm-eval's plain forward gets); the LM head and the log-softmax run, in the model's
 dtype as lm-eval's do, only at the positions that predict continuation tokens. lm-eval's log-likelihoods are sums
-rounded to the model's dtype; so are these. Under DDP each rank scores a share of the rows and all ranks gather them.
+rounded to the model's dtype; so are these. Under DDP each rank scores a share of the rows and all ranks gather them;
+sharded (FSDP), every rank runs as many batches as the busiest one (a forward gathers each unit's shards from all).
 
 ``share_contexts`` trades that identity for half the tokens of a multiple-choice suite: the choices of one context
 share a row, the context once and each continuation in its own masked segment. The masked attention runs other
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from itertools import chain
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -107,11 +108,14 @@ class Scorer:
     with a segment per continuation (half the tokens; numbers equal lm-eval's to the dtype's rounding, not bit for
     bit); models whose attention takes no such mask (sliding windows, flash-attention-2) keep one row per input.
     ``encoder``: the tokenisation to use, with what it has already encoded (the callback keeps one across runs).
+    ``sharded``: for a model sharded across ranks (FSDP), a function that runs ``fn(*args)`` inside the sharded
+    root's forward (which gathers the weights outside the layers); every rank must then score the same requests.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  batch_size: Union[int, str] = "auto", max_len: Optional[int] = None,
-                 share_contexts: bool = False, encoder: Optional[Encoder] = None) -> None:
+                 share_contexts: bool = False, encoder: Optional[Encoder] = None,
+                 sharded: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size: {batch_size!r} must be a positive integer or 'auto'")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -119,6 +123,7 @@ class Scorer:
         self.max_len = max_len or max_length(model, tokenizer)
         self.encoder = encoder or Encoder(tokenizer)
         self.head = output_head(model)
+        self.sharded = sharded
         config = model.config.get_text_config()
         sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
         # Shared rows restart each continuation's positions: models that take none (ALiBi: BLOOM) cannot.
@@ -169,8 +174,25 @@ class Scorer:
         # An integer batch size is lm-eval's, that many rows a batch; auto packs rows up to a number of tokens.
         fixed = self.batch_size != "auto"
         start, cap = 0, self.batch_size if fixed else self._token_budget(widths[0] if mine else 1)
+
+        def size(start: int) -> int:  # rows of the batch that starts at row `start`
+            return max(1, min(len(mine) - start, cap if fixed else cap // max(1, widths[start])))
+
+        if self.sharded is not None:
+            # Forwards are collective: every rank runs as many batches as the busiest (padding with a one-token
+            # row), so each rank plans its batches first; an out-of-memory batch cannot be retried alone.
+            cap = self._across_ranks(cap, torch.distributed.ReduceOp.MIN)
+            plan = []
+            while start < len(mine):
+                plan.append((start, size(start)))
+                start += plan[-1][1]
+            for k in range(self._across_ranks(len(plan), torch.distributed.ReduceOp.MAX)):
+                if k < len(plan):
+                    done.append(self._score_batch(mine[plan[k][0]:sum(plan[k])]))
+                else:
+                    self._score_batch([((self.encoder.prefix_id,), [(-1, [self.encoder.prefix_id])])])
         while start < len(mine):
-            n = max(1, min(len(mine) - start, cap if fixed else cap // max(1, widths[start])))
+            n = size(start)
             try:
                 done.append(self._score_batch(mine[start:start + n]))
             except torch.cuda.OutOfMemoryError:
@@ -192,6 +214,12 @@ class Scorer:
             scores = {k: v for part in gathered for k, v in part.items()}
         return [scores[i] for i in range(len(pairs))]
 
+    def _across_ranks(self, n: int, op: Any) -> int:
+        """``n`` reduced by ``op`` over the ranks (e.g. the smallest batch cap: free memory differs a little)."""
+        t = torch.tensor([n], device=self.device)
+        torch.distributed.all_reduce(t, op=op)
+        return int(t.item())
+
     def row_width(self, stem: tuple[int, ...], conts: list[tuple[int, list[int]]]) -> int:
         """Tokens a row feeds the model: its stem, and with shared contexts each continuation's segment."""
         return len(stem) + (sum(len(c) - 1 for _, c in conts) if self.share else 0)
@@ -207,7 +235,6 @@ class Scorer:
         free, _ = torch.cuda.mem_get_info(self.device)
         return max(longest, min(MAX_BATCH_TOKENS, int(0.5 * free / per_token)))
 
-    @torch.inference_mode()
     def _score_batch(self, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]
                      ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Scores of one batch of rows, (stem tokens, [(request index, continuation tokens), ...]): the request
@@ -254,11 +281,27 @@ class Scorer:
             kwargs = {"position_ids": self._to_device(position),
                       "attention_mask": self._segment_mask(self._to_device(segment))}
         rows_t, cols_t, target, owner_t = (self._to_device(x) for x in (rows, cols, target, owner))
+        ids_t = self._to_device(ids)
+        # No gradients: inference mode, but not for a sharded model (FSDP writes its gathered weights in place).
+        with torch.no_grad() if self.sharded is not None else torch.inference_mode():
+            if self.sharded is not None:
+                lp, miss = self.sharded(self._token_scores, ids_t, kwargs, rows_t, cols_t, target)
+            else:
+                lp, miss = self._token_scores(ids_t, kwargs, rows_t, cols_t, target)
+            n = len(requests)
+            # lm-eval sums a request's log-probabilities in their dtype: the sum rounded to it.
+            ll = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, lp.double()).to(lp.dtype)
+            miss = torch.zeros(n, device=device).index_add_(0, owner_t, miss)
+        return requests, ll, miss == 0
+
+    def _token_scores(self, ids: torch.Tensor, kwargs: dict, rows: torch.Tensor, cols: torch.Tensor,
+                      target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's part of a batch: each target token's log-probability at (row, col), and 1 where greedy
+        decoding would not give it."""
         # Without a mask the model picks the attention kernel lm-eval's forward gets (cuDNN's on an H100).
         with sdpa_kernel(ATTENTION_BACKENDS) if kwargs else nullcontext():
-            hidden = self.model.base_model(input_ids=self._to_device(ids), use_cache=False,
-                                           **kwargs).last_hidden_state
-        picked = hidden[rows_t, cols_t]
+            hidden = self.model.base_model(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+        picked = hidden[rows, cols]
         logp, misses = [], []
         for i in range(0, len(target), HEAD_CHUNK):  # bounded memory: the logits of HEAD_CHUNK positions at a time
             # In the model's dtype, as lm-eval: its log-softmax rounds to it, and its greedy check is on the result.
@@ -266,11 +309,7 @@ class Scorer:
             t = target[i:i + HEAD_CHUNK]
             logp.append(logits.gather(1, t[:, None])[:, 0])
             misses.append((logits.argmax(-1) != t).float())
-        n, lp = len(requests), torch.cat(logp)
-        # lm-eval sums a request's log-probabilities in their dtype: the sum rounded to it.
-        ll = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, lp.double()).to(lp.dtype)
-        miss = torch.zeros(n, device=device).index_add_(0, owner_t, torch.cat(misses))
-        return requests, ll, miss == 0
+        return torch.cat(logp), torch.cat(misses)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the model's device; from pinned memory on GPU, so the copy does not wait for the GPU."""

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chop.pruning import ranks
+
 
 @dataclass
 class Factors:
@@ -26,6 +28,11 @@ class Factors:
     G: torch.Tensor
     A_inv: Optional[torch.Tensor] = None
     G_inv: Optional[torch.Tensor] = None
+
+    def to(self, device: torch.device) -> "Factors":
+        """The factors on ``device`` (those gathered on the host, ``factors_device: cpu``, meet each layer's weights
+        on its GPU one layer at a time)."""
+        return Factors(*(t.to(device) if t is not None else None for t in (self.A, self.G, self.A_inv, self.G_inv)))
 
     def invert(self, damp_a: float, damp_g: float) -> "Factors":
         """Damped inverses: λ·mean(diag) added to each factor's diagonal."""
@@ -60,7 +67,8 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
 
     Labels: the data's next tokens (the empirical Fisher) or, with ``fisher_samples`` > 0, that many draws from the
     model's own predictive distribution per batch. ``device``: where the factors accumulate (e.g. CPU to save GPU
-    memory).
+    memory). Under data parallelism each rank takes every world-th batch and the sums are added over ranks, so every
+    rank returns the factors of all ``batches``.
     """
     sums: dict[str, list] = {name: [None, None] for name in layers}
     count = [0]
@@ -87,7 +95,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
     was_training = model.training
     model.eval()
     try:
-        for ids in batches:
+        for ids in ranks.my_share(list(batches)):
             ids = ids.to(next(model.parameters()).device)
             inputs, targets = ids[:, :-1], ids[:, 1:]
             draws = max(1, fisher_samples)
@@ -108,6 +116,17 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
             h.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    if ranks.rank_and_world()[1] > 1:  # a rank with no batch adds zeros
+        for name, layer in layers.items():
+            out, inp = layer.weight.shape
+            sizes = (inp + (layer.bias is not None), out)
+            where = device or layer.weight.device
+            for i, size in enumerate(sizes):
+                if sums[name][i] is None:
+                    sums[name][i] = torch.zeros(size, size, dtype=torch.float64, device=where)
+        total = torch.tensor([float(count[0])], dtype=torch.float64)
+        ranks.sum_over_ranks([t for pair in sums.values() for t in pair] + [total])
+        count[0] = int(total.item())
     n = count[0]
     return {name: Factors(A / n, G / n) for name, (A, G) in sums.items()}
 

@@ -1,6 +1,10 @@
 """``python -m chop prune --config CONFIG``: LLM Surgeon on a model, written as a Hugging Face directory plus
 ``surgeon.json`` (what was removed, per shot and per layer) and TensorBoard events (held-out perplexity and sparsity
-per shot, sparsity by layer and matrix type)."""
+per shot, sparsity by layer and matrix type).
+
+On several GPUs: ``torchrun --nproc_per_node N -m chop prune --config CONFIG``. Each rank gathers curvature and
+held-out perplexity on its share of the batches; all keep rank 0's removals, and rank 0 writes the result.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any, Optional
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from chop.pruning import ranks
 from chop.pruning.surgeon import Report, Surgeon, prune
 
 log = logging.getLogger(__name__)
@@ -66,13 +71,14 @@ def blocks(source: Text, tokenizer: Any, length: int, n: int, offline_split: str
 def perplexity(model: Any, held_out: list[torch.Tensor], batch_size: int = 4) -> float:
     """Token perplexity of the held-out blocks."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(held_out), batch_size):
+    sums = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
+    for i in ranks.my_share(range(0, len(held_out), batch_size)):
         ids = torch.stack(held_out[i:i + batch_size]).to(device)
         logits = model(input_ids=ids[:, :-1], use_cache=False).logits.float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
+        sums[0] += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+        sums[1] += ids[:, 1:].numel()
+    ranks.sum_over_ranks([sums])
+    return math.exp(float(sums[0] / sums[1]))
 
 
 def run(model: str, out: str, surgeon: Surgeon = Surgeon(), calibration: Text = Text(),
@@ -88,7 +94,7 @@ def run(model: str, out: str, surgeon: Surgeon = Surgeon(), calibration: Text = 
         held_out: text whose perplexity is logged after every shot (default: wikitext-2 test).
         held_out_blocks: sequences of the calibration length in the held-out set (0: no held-out perplexity).
         dtype: the model's dtype while pruning (curvature and updates are float64 regardless).
-        device: cuda or cpu (default: cuda when there is one).
+        device: cuda or cpu (default: cuda when there is one; under torchrun, each rank's own GPU).
         tokenizer: when it differs from ``model``.
         seed: for sampled Fisher labels.
     """
@@ -105,18 +111,22 @@ def run(model: str, out: str, surgeon: Surgeon = Surgeon(), calibration: Text = 
     test = blocks(held_out, tok, seq + 1, held_out_blocks, "val", "held_out_blocks") if held_out_blocks else []
     batches = [torch.stack(calib[i:i + surgeon.batch_size]) for i in range(0, len(calib), surgeon.batch_size)]
     torch.manual_seed(seed)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _join_ranks(device)
     net = load_model(model, dtype=dtype).to(device)
-    folder.mkdir(parents=True, exist_ok=True)
+    first = ranks.rank_and_world()[0] == 0  # rank 0 writes; under torchrun the others only compute
+    if first:
+        folder.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(folder / "tensorboard"))
+    writer = SummaryWriter(str(folder / "tensorboard")) if first else None
     dense = perplexity(net, test) if test else None
-    if dense is not None:
+    if dense is not None and first:
         writer.add_scalar("surgeon/ppl", dense, 0)
         log.info("dense held-out perplexity %.3f", dense)
 
     def on_shot(shot: int, record: dict) -> None:
+        if not first:
+            return
         writer.add_scalar("surgeon/sparsity", record["sparsity"], shot)
         if "ppl" in record:
             writer.add_scalar("surgeon/ppl", record["ppl"], shot)
@@ -125,6 +135,8 @@ def run(model: str, out: str, surgeon: Surgeon = Surgeon(), calibration: Text = 
         _log_layers(writer, record["layers"], shot)
 
     report = prune(net, surgeon, batches, evaluate=(lambda m: perplexity(m, test)) if test else None, on_shot=on_shot)
+    if not first:
+        return report
     writer.close()
     net.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -133,6 +145,22 @@ def run(model: str, out: str, surgeon: Surgeon = Surgeon(), calibration: Text = 
     print(f"{model} -> {folder}: {report.mode}, sparsity {1 - report.params_after / report.params_before:.4f} of the "
           f"decoder linears; held-out perplexity {dense} -> {report.shots[-1].get('ppl')}")
     return report
+
+
+def _join_ranks(device: Optional[str]) -> str:
+    """The device to prune on; under torchrun (``WORLD_SIZE`` > 1), join the other ranks first: NCCL on each
+    rank's GPU, or gloo on CPU."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if world > 1 and not torch.distributed.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if world > 1 and cuda:
+        return f"cuda:{torch.cuda.current_device()}"
+    return device or ("cuda" if cuda else "cpu")
 
 
 def _log_layers(writer: Any, layers: dict[str, float], shot: int) -> None:
@@ -180,4 +208,8 @@ def parse(args: Optional[list[str]] = None) -> dict:
 
 def main(args: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO)
-    run(**parse(args))
+    try:
+        run(**parse(args))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from chop.models.registry import architecture, decoder_layers
-from chop.pruning import kfac, lora
+from chop.pruning import kfac, lora, ranks
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,7 @@ def prune(model: PreTrainedModel, spec: Surgeon, batches: Sequence[torch.Tensor]
             share = _share(batches, spec.lora_final if shot == spec.shots else spec.lora_fraction, shot)
             record["lora_loss"] = lora.train(model, layers, _kept(layers, groups, masks), share, spec.lora_rank,
                                              spec.lora_lr)
+        _agree_with_rank0(layers, groups, masks)
         if evaluate is not None:
             record["ppl"] = evaluate(model)
         report.shots.append(record)
@@ -256,6 +257,18 @@ def prune(model: PreTrainedModel, spec: Surgeon, batches: Sequence[torch.Tensor]
         report.kept = shrink(model, groups)
     report.params_after = prunable_params(linears(model)) - sum(int(m.sum()) for m in masks.values())
     return report
+
+
+def _agree_with_rank0(layers: dict[str, nn.Linear], groups: list[Structure], masks: dict[str, torch.Tensor]) -> None:
+    """Under data parallelism, every rank keeps rank 0's removals and weights after a shot. Every rank computed them
+    from the same summed curvature, so they differ at most by the rounding of their own kernels; the next shot's
+    decisions must not."""
+    if ranks.rank_and_world()[1] == 1:
+        return
+    removed = ranks.object_from_rank0([s.removed for s in groups])
+    for s, r in zip(groups, removed):
+        s.removed = r
+    ranks.from_rank0([p for layer in layers.values() for p in layer.parameters()] + list(masks.values()))
 
 
 def allocation(layers: dict[str, nn.Linear], groups: list[Structure], masks: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -330,8 +343,8 @@ def _structured_shot(layers: dict[str, nn.Linear], passes: Iterable[dict[str, kf
         while factors:  # each layer's factors freed once its costs are out
             name, f = factors.popitem()
             w = kfac.weight_matrix(layers[name])  # float64 copies one at a time, not the whole model's at once
-            parts[name, 0] = row_cost(w, f).tolist()
-            parts[name, 1] = col_cost(w, f)[:layers[name].in_features].tolist()
+            parts[name, 0] = row_cost(w, f.to(w.device)).tolist()
+            parts[name, 1] = col_cost(w, f.to(w.device))[:layers[name].in_features].tolist()
             if not diagonal:
                 kept[name] = kfac.Factors(None, None, f.A_inv if name in consumers else None,
                                           f.G_inv if spec.update_rows and name not in consumers else None)
@@ -356,6 +369,7 @@ def _structured_shot(layers: dict[str, nn.Linear], passes: Iterable[dict[str, kf
         gone.setdefault((p.name, p.axis), []).extend(p.index)
     for (name, axis), index in gone.items():
         w, f = kfac.weight_matrix(layers[name]), kept.get(name)
+        f = f.to(w.device) if f is not None else None
         idx = torch.tensor(sorted(index), device=w.device)
         if not diagonal and axis == 1:
             w = kfac.remove_columns(w, f, idx)
@@ -400,7 +414,7 @@ def _element_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Factors]
         if layer.bias is not None:  # the bias is not pruned: its row/column of the factors drops out
             f = kfac.Factors(f.A[:-1] if f.A.dim() == 1 else f.A[:-1, :-1], f.G,
                              None if f.A_inv is None else _schur_inverse(f.A_inv), f.G_inv)
-        c = (kfac.element_costs_obd if spec.obd or spec.magnitude else kfac.element_costs)(w, f)
+        c = (kfac.element_costs_obd if spec.obd or spec.magnitude else kfac.element_costs)(w, f.to(w.device))
         if name in masks:
             c[masks[name]] = 0.0
         costs[name] = (c, f)
@@ -428,7 +442,7 @@ def _element_shot(layers: dict[str, nn.Linear], factors: dict[str, kfac.Factors]
             w = w.masked_fill(mask, 0.0)
         else:
             fresh = mask & ~masks[name] if name in masks else mask
-            f = costs[name][1]
+            f = costs[name][1].to(w.device)
             w = kfac.remove_elements(w, f, fresh, spec.max_correlate)
             w[mask] = 0.0
         with torch.no_grad():

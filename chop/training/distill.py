@@ -145,17 +145,22 @@ class Distillation(ContinuedPretraining):
     def load_source(self) -> PreTrainedModel:
         source = super().load_source()
         if self.teacher_name is None:  # the teacher is the source itself: copy it before the chop, not load it again
-            self.teacher = frozen_copy(source, DTYPES[self._teacher_dtype()])
+            # Held aside until the student is registered: the student's parameters come first in the module tree in
+            # a new run and in a resumed one alike (FSDP keys a full optimizer state by that order).
+            self.__dict__["_source_copy"] = frozen_copy(source, DTYPES[self._teacher_dtype()])
         return source
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         super().configure_model()
-        if self.teacher is None:  # a named teacher, or a resumed run (the checkpoint holds no teacher)
-            overrides = self.config_overrides if self.teacher_name is None else None
-            teacher = load_model(self.teacher_name or self.name, overrides, self._teacher_dtype(), self.attn)
-            self.teacher = teacher.requires_grad_(False)
+        teacher = self.__dict__.pop("_source_copy", None)
+        if teacher is None and self.teacher_name is None:  # a resumed run: the checkpoint holds no teacher
+            # The source again, loaded and copied as a new run does (a random init drawn in bfloat16 would differ).
+            teacher = frozen_copy(super().load_source(), DTYPES[self._teacher_dtype()])
+        elif teacher is None:
+            teacher = load_model(self.teacher_name, None, self._teacher_dtype(), self.attn)
+        self.teacher = teacher.requires_grad_(False)
         self.teacher.eval()
         self.teacher.config.use_cache = False
         self.teacher_size = ModelSize.of(self.teacher)
