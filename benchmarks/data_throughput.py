@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from chop import assets  # noqa: E402
-from chop.data.streaming import StreamingDataModule  # noqa: E402
+from chop.training.pretraining_data import StreamingDataModule  # noqa: E402
 
 
 def main() -> None:

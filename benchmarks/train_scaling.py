@@ -34,15 +34,15 @@ def worker(a) -> None:
     import lightning as L
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from chop.data import streaming
-    from chop.data.streaming import StreamingDataModule
+    from chop.data import text
+    from chop.training.pretraining_data import StreamingDataModule
     from chop.models.loading import load_tokenizer
     from chop.training.distill import Distillation, DistillLoss
     from chop.training.optim import Optim
     from chop.training.pretrain import ContinuedPretraining
     from train_throughput import step_timer  # this script's folder is on the path
 
-    rows = streaming.Source.rows
+    rows = text.Source.rows
 
     def counted(self, part, start=0):  # which files each rank x worker opens
         from torch.utils.data import get_worker_info
@@ -54,7 +54,7 @@ def worker(a) -> None:
                                 "part": part}) + "\n")
         yield from rows(self, part, start)
 
-    streaming.Source.rows = counted
+    text.Source.rows = counted
 
     vocab = len(load_tokenizer(a.tokenizer))
     common = dict(tokenizer=a.tokenizer, dtype="float32", optim=Optim(lr=3e-4, warmup_steps=10), export_on_end=False)

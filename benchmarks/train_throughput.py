@@ -69,7 +69,7 @@ def step_timer(warmup: int):
 def chop_fit(args, compile_: bool) -> float:
     import lightning as L
 
-    from chop.data.streaming import StreamingDataModule
+    from chop.training.pretraining_data import StreamingDataModule
     from chop.training.optim import Optim
     from chop.training.pretrain import ContinuedPretraining
 

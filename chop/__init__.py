@@ -5,13 +5,14 @@ from typing import Any
 
 # Imported on first use, so that `python -m chop eval` and `import chop.eval` start without Lightning.
 _EXPORTS = {
-    "ClassificationDataModule": "chop.data.classification",
+    "ClassificationDataModule": "chop.training.classification_data",
     "ContinuedPretraining": "chop.training.pretrain",
     "Distillation": "chop.training.distill",
     "DistillLoss": "chop.training.distill",
     "LayerChop": "chop.pruning.layerchop",
     "PromptClassification": "chop.training.classify",
-    "StreamingDataModule": "chop.data.streaming",
+    "StreamingDataModule": "chop.training.pretraining_data",
+    "ZeroShotEvalCallback": "chop.training.zero_shot",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -12,7 +12,7 @@ def export(ckpt: str, out: str) -> Path:
     """Write the model of a chop Lightning checkpoint, and its tokenizer, as a Hugging Face directory."""
     if Path(out).exists() and any(Path(out).iterdir()):
         raise FileExistsError(f"--out: '{out}' exists and is not empty; choose another directory")
-    from chop.training.pretrain import export_hf, model_from_checkpoint
+    from chop.models.checkpoint import export_hf, model_from_checkpoint
 
     model, tokenizer = model_from_checkpoint(ckpt)
     return export_hf(model, tokenizer, Path(out))

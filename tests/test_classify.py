@@ -11,10 +11,11 @@ import yaml
 from conftest import TINY
 
 from chop.training.cli import cli_main
-from chop.data.classification import ClassificationDataModule, few_shot
+from chop.data.classification import few_shot
+from chop.training.classification_data import ClassificationDataModule
 from chop.models.loading import load_model, load_tokenizer
 from chop.training.classify import PromptClassification, verbalizer_scores
-from chop.training.losses import output_head
+from chop.models.registry import output_head
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from chop.data.streaming import PackedStream, Source, StreamingDataModule
+from chop.data.streaming import PackedStream
+from chop.training.pretraining_data import StreamingDataModule
+from chop.data.text import Source
 from chop.models.loading import load_tokenizer
 from conftest import write_corpus
 

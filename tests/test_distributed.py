@@ -108,7 +108,7 @@ def test_fsdp_continued_pretraining_trains_and_exports(tmp_path, place):
 def test_zero_shot_callback_on_the_sharded_model_gives_the_unsharded_numbers(tmp_path, place):
     # float32 and one row a batch: the sharded model's forward is then the unsharded one's, bit for bit.
     tasks = "piqa,copa,lambada_openai"
-    cb = ("chop.eval.ZeroShotEvalCallback", {"tasks": tasks, "data_dir": str(FIX / "eval"), "batch_size": 1})
+    cb = ("chop.ZeroShotEvalCallback", {"tasks": tasks, "data_dir": str(FIX / "eval"), "batch_size": 1})
     run_cli(*args(tmp_path, "--trainer.max_steps=4", "--model.export_on_end=false", callbacks=[cb], config=TINY,
                   trainer=fsdp(place, precision="32-true")))
     run = tmp_path / "tiny_cpu" / "checkpoints"

@@ -241,7 +241,7 @@ def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
 
     from chop.training.cli import cli_main
 
-    cb = ("chop.eval.ZeroShotEvalCallback", {"tasks": "piqa,copa,lambada_openai", "every_n_steps": 2,
+    cb = ("chop.ZeroShotEvalCallback", {"tasks": "piqa,copa,lambada_openai", "every_n_steps": 2,
                                              "data_dir": str(FIX), "batch_size": 8})
     cli_main(args(tmp_path, "--trainer.max_steps=4", callbacks=[cb]))
     tb = scalars(tmp_path / "tiny_cpu")
@@ -259,7 +259,7 @@ def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
 
 
 def test_callback_refuses_an_unknown_task_when_the_config_is_read():
-    from chop.eval import ZeroShotEvalCallback
+    from chop import ZeroShotEvalCallback
 
     with pytest.raises(ValueError, match="unknown task 'pika'"):
         ZeroShotEvalCallback(tasks="pika")
@@ -296,7 +296,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_the_scores_stay(model, to
 
 
 def test_c4_perplexity_is_token_perplexity_over_packed_blocks(model, tokenizer):
-    from chop.data.streaming import pack_blocks
+    from chop.data.text import pack_blocks
     from chop.eval.tasks import stream_texts
 
     scorer = Scorer(model, tokenizer, batch_size=2, max_len=64)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from chop.training.losses import output_head
+from chop.models.registry import output_head
 
 log = logging.getLogger(__name__)
 

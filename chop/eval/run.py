@@ -44,7 +44,7 @@ def tokenizer_of(model: str) -> PreTrainedTokenizerBase:
 
     name = model
     if model.endswith(".ckpt"):
-        from chop.training.pretrain import read_checkpoint_meta
+        from chop.models.checkpoint import read_checkpoint_meta
 
         name = read_checkpoint_meta(model, "--model").get("tokenizer")
     if name is None:
@@ -58,7 +58,7 @@ def load(model: str, dtype: str, device: str) -> PreTrainedModel:
     from chop.models.loading import DTYPES, load_model
 
     if model.endswith(".ckpt"):
-        from chop.training.pretrain import model_from_checkpoint
+        from chop.models.checkpoint import model_from_checkpoint
 
         net = model_from_checkpoint(model, "--model")[0].to(DTYPES[dtype])
     else:

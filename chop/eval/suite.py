@@ -95,7 +95,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
 def block_docs(task: Task, scorer: Scorer, data_dir: Optional[str] = None, limit: Optional[int] = None) -> list[Doc]:
     """The first ``limit`` (default 256) blocks of ``BLOCK_LEN`` tokens (at most the model's context) of the task's
     texts, packed with EOS between documents as chop's training validation packs them."""
-    from chop.data.streaming import pack_blocks
+    from chop.data.text import pack_blocks
 
     length = min(BLOCK_LEN, scorer.max_len)
     blocks = pack_blocks(stream_texts(task, data_dir), scorer.tokenizer, length + 1, limit or N_BLOCKS)

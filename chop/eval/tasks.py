@@ -221,11 +221,13 @@ def _from_dir(task: Task, folder: Path) -> Any:
     if (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists():
         ds = datasets.load_from_disk(str(folder))
         return ds[task.split] if isinstance(ds, datasets.DatasetDict) else ds
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".jsonl", ".parquet"))
+    from chop.data.text import BUILDERS, builder_of
+
+    files = sorted(p for p in folder.iterdir() if p.suffix in BUILDERS)
     if not files:
-        raise FileNotFoundError(f"task '{task.name}': {folder} holds no .json, .jsonl or .parquet files")
-    builder = "parquet" if files[0].suffix == ".parquet" else "json"
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        raise FileNotFoundError(f"task '{task.name}': {folder} holds none of {sorted(BUILDERS)} files")
+    return datasets.load_dataset(builder_of(files[0], f"task '{task.name}'"), data_files=[str(f) for f in files],
+                                 split="train")
 
 
 def _from_hub_or_offline(task: Task) -> Any:
@@ -288,12 +290,12 @@ def stream_texts(task: Task, data_dir: Optional[str] = None) -> Iterator[str]:
     import itertools
 
     from chop import assets
-    from chop.data.streaming import Source
+    from chop.data.text import BUILDERS, Source
     from chop.models.loading import hub_offline
 
     if data_dir is not None:
         folder = Path(data_dir) / task.name
-        files = sorted(str(p) for p in folder.glob("*") if p.suffix in (".json", ".jsonl", ".parquet", ".txt"))
+        files = sorted(str(p) for p in folder.glob("*") if p.suffix in BUILDERS)
         sources = [Source(files=tuple(files), text_field=task.fields[0])] if files else []
     else:
         sources = [] if hub_offline() else [Source(path=task.path, name=task.config, split=task.split,

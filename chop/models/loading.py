@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from chop import assets
+from chop.models.widths import apply_widths
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ def load_model(
 
 def from_config(config: Any, **kwargs: Any) -> PreTrainedModel:
     """A random-init model of ``config``, with the per-layer widths a structured prune recorded (``chop_widths``)."""
-    from chop.pruning.surgeon import apply_widths
-
     return apply_widths(AutoModelForCausalLM.from_config(config, **kwargs))
 
 

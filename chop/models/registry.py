@@ -7,9 +7,11 @@ attention and MLP linears within a block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -75,3 +77,16 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 
 def num_layers(config: PretrainedConfig) -> int:
     return config.get_text_config().num_hidden_layers
+
+
+def output_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Hidden states -> logits as the model's own forward computes them (LM head, then Cohere's scale or Gemma's
+    soft-capping)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    scale = getattr(model, "logit_scale", None)  # Cohere: a float its forward multiplies the logits by
+    if cap:
+        return lambda h: torch.tanh(head(h) / cap) * cap
+    if isinstance(scale, (int, float)) and scale != 1:
+        return lambda h: head(h) * scale
+    return head

@@ -38,7 +38,7 @@ class Text:
 
     def texts(self, offline_split: str) -> Iterator[str]:
         from chop import assets
-        from chop.data.streaming import Source
+        from chop.data.text import Source
         from chop.models.loading import hub_offline
 
         if self.files:
@@ -58,7 +58,7 @@ class Text:
 
 
 def blocks(source: Text, tokenizer: Any, length: int, n: int, offline_split: str, what: str) -> list[torch.Tensor]:
-    from chop.data.streaming import pack_blocks
+    from chop.data.text import pack_blocks
 
     out = pack_blocks(source.texts(offline_split), tokenizer, length, n)
     if len(out) < n:

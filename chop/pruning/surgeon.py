@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from chop.models.registry import architecture, decoder_layers
+from chop.models.widths import set_attention_heads, set_widths, slice_linear
 from chop.pruning import kfac, lora, ranks
 
 log = logging.getLogger(__name__)
@@ -482,54 +483,16 @@ def shrink(model: PreTrainedModel, groups: list[Structure]) -> dict[str, Any]:
     for p in removed_parts(groups):
         keep[p.name, p.axis].difference_update(p.index)
     for (name, axis), idx in keep.items():
-        _slice(model, name, axis, sorted(idx))
+        slice_linear(model, name, axis, sorted(idx))
     widths = []
     for i, block in enumerate(decoder_layers(model)):
         mods = dict(block.named_modules())
         units = mods[arch.mlp_out].in_features
         heads = sum(1 for s in groups if s.layer == i and s.kind == "attention" and not s.removed)
         widths.append({"intermediate_size": units, "num_key_value_heads": heads, "num_attention_heads": heads * rep})
-        attn = mods[arch.attention[0].rsplit(".", 1)[0]]
-        for attr, value in (("num_heads", heads * rep), ("num_key_value_heads", heads), ("num_attention_heads", heads * rep)):
-            if hasattr(attn, attr):
-                setattr(attn, attr, value)
+        set_attention_heads(mods[arch.attention[0].rsplit(".", 1)[0]], heads * rep, heads)
     set_widths(model.config, widths)
     return {"widths": widths}
-
-
-def _slice(model: nn.Module, name: str, axis: int, index: list[int]) -> None:
-    old: nn.Linear = model.get_submodule(name)
-    idx = torch.tensor(index, dtype=torch.long, device=old.weight.device)
-    weight = old.weight.detach().index_select(axis, idx)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=old.bias is not None, device=old.weight.device,
-                    dtype=old.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if old.bias is not None:
-            new.bias.copy_(old.bias.detach()[idx] if axis == 0 else old.bias.detach())
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, new)
-
-
-def set_widths(config: Any, widths: list[dict[str, int]]) -> None:
-    """Record per-layer widths; where every layer has the same, the config's own fields say it (plain
-    ``from_pretrained`` then builds the right shapes) and ``chop_widths`` is not needed for that field."""
-    text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    uniform = {k: widths[0][k] for k in widths[0] if all(w[k] == widths[0][k] for w in widths)}
-    if text.model_type != "opt" and "num_key_value_heads" in uniform and "num_attention_heads" in uniform:
-        text.head_dim = head_dim  # explicit, since it no longer equals hidden_size / heads
-        text.num_attention_heads, text.num_key_value_heads = uniform["num_attention_heads"], uniform["num_key_value_heads"]
-        heads_uniform = True
-    else:
-        heads_uniform = False
-    mlp_field = "ffn_dim" if text.model_type == "opt" else "intermediate_size"
-    if "intermediate_size" in uniform:
-        setattr(text, mlp_field, uniform["intermediate_size"])
-    if not heads_uniform or "intermediate_size" not in uniform:
-        text.chop_widths = widths
-    elif hasattr(text, "chop_widths"):
-        del text.chop_widths
 
 
 def to_semi_structured(model: PreTrainedModel, n: int = 2, m: int = 4) -> int:
@@ -544,30 +507,3 @@ def to_semi_structured(model: PreTrainedModel, n: int = 2, m: int = 4) -> int:
             layer.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
             swapped += 1
     return swapped
-
-
-def apply_widths(model: PreTrainedModel) -> PreTrainedModel:
-    """Give a freshly built model the per-layer shapes its config's ``chop_widths`` records (weights: load next)."""
-    config = model.config.get_text_config()
-    widths = getattr(config, "chop_widths", None)
-    if not widths:
-        return model
-    arch = architecture(config)
-    for i, (block, w) in enumerate(zip(decoder_layers(model), widths)):
-        mods = dict(block.named_modules())
-        prefix = f"{arch.layers}.{i}."
-        for name in arch.mlp_in:
-            _slice(model, prefix + name, 0, list(range(w["intermediate_size"])))
-        _slice(model, prefix + arch.mlp_out, 1, list(range(w["intermediate_size"])))
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        q_rows, kv_rows = list(range(w["num_attention_heads"] * head_dim)), list(range(w["num_key_value_heads"] * head_dim))
-        _slice(model, prefix + arch.attention[0], 0, q_rows)
-        _slice(model, prefix + arch.attention[1], 0, kv_rows)
-        _slice(model, prefix + arch.attention[2], 0, kv_rows)
-        _slice(model, prefix + arch.attention[3], 1, q_rows)
-        attn = mods[arch.attention[0].rsplit(".", 1)[0]]
-        for attr, value in (("num_heads", w["num_attention_heads"]), ("num_key_value_heads", w["num_key_value_heads"]),
-                            ("num_attention_heads", w["num_attention_heads"])):
-            if hasattr(attn, attr):
-                setattr(attn, attr, value)
-    return model

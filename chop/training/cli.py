@@ -11,7 +11,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from chop.models.checkpoint import load_checkpoint
 from chop.training.callbacks import AtomicCheckpointIO
-from chop.training.pretrain import ContinuedPretraining, read_checkpoint_meta
+from chop.models.checkpoint import read_checkpoint_meta
+from chop.training.pretrain import ContinuedPretraining
 
 
 def _tokenizer(tokenizer: Optional[str], name: Optional[str]) -> Optional[str]:

@@ -19,10 +19,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from chop.models.loading import DTYPES, load_config, load_model, load_tokenizer
-from chop.models.registry import decoder_layers, num_layers
+from chop.models.registry import decoder_layers, num_layers, output_head
 from chop.training.flops import ModelSize
-from chop.training.losses import DIVERGENCES, LogitLoss, output_head
-from chop.training.pretrain import CKPT_KEY, ContinuedPretraining
+from chop.training.losses import DIVERGENCES, LogitLoss
+from chop.models.checkpoint import CKPT_KEY
+from chop.training.pretrain import ContinuedPretraining
 
 log = logging.getLogger(__name__)
 

@@ -14,23 +14,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 IGNORE_INDEX = -100
-
-
-def output_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Hidden states -> logits as the model's own forward computes them (LM head, then Cohere's scale or Gemma's
-    soft-capping)."""
-    head = model.get_output_embeddings()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    scale = getattr(model, "logit_scale", None)  # Cohere: a float its forward multiplies the logits by
-    if cap:
-        return lambda h: torch.tanh(head(h) / cap) * cap
-    if isinstance(scale, (int, float)) and scale != 1:
-        return lambda h: head(h) * scale
-    return head
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

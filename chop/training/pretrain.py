@@ -19,20 +19,19 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import AutoConfig, PreTrainedModel
 
-from chop.models.checkpoint import load_checkpoint
+from chop.models.checkpoint import CKPT_KEY, config_differences, export_hf, read_checkpoint_meta
 from chop.models.loading import DTYPES, from_config, load_config, load_model
-from chop.models.registry import num_layers
+from chop.models.registry import num_layers, output_head
 from chop.pruning.layerchop import ChopPlan, LayerChop, chop
 from chop.pruning.surgeon import Surgeon
 from chop.pruning.surgeon import prune as surgeon_prune
 from chop.training import optim
 from chop.training.callbacks import ComputeBudget
 from chop.training.flops import ModelSize
-from chop.training.losses import LogitLoss, chunk_for, head_losses, output_head
+from chop.training.losses import LogitLoss, chunk_for, head_losses
 
 log = logging.getLogger(__name__)
 
-CKPT_KEY = "chop"  # what chop adds to a Lightning checkpoint: the trained model's HF config, source and plan
 
 
 class ContinuedPretraining(L.LightningModule):
@@ -374,47 +373,6 @@ class ContinuedPretraining(L.LightningModule):
         return Path(cb.dirpath) if cb is not None and cb.dirpath else None
 
 
-def load_chop_checkpoint(path: str, field: str = "--ckpt_path") -> dict:
-    """A whole chop Lightning checkpoint, or a clear error when the file is not a readable chop checkpoint."""
-    ckpt = load_checkpoint(path, field)
-    if CKPT_KEY not in ckpt:
-        raise ValueError(f"{field}: '{path}' is not a chop checkpoint (no '{CKPT_KEY}' entry)")
-    return ckpt
-
-
-def read_checkpoint_meta(path: str, field: str = "--ckpt_path") -> dict:
-    """chop's part of a Lightning checkpoint (and its hyperparameters)."""
-    ckpt = load_chop_checkpoint(path, field)
-    meta = dict(ckpt[CKPT_KEY])
-    meta["hyper_parameters"] = ckpt.get("hyper_parameters", {})
-    return meta
-
-
-def model_from_checkpoint(ckpt: str, field: str = "--ckpt") -> tuple[Any, Optional[str]]:
-    """The trained model of a chop Lightning checkpoint, and its tokenizer's name."""
-    full = load_chop_checkpoint(ckpt, field)
-    meta = full[CKPT_KEY]
-    model = from_config(AutoConfig.for_model(**meta["config"]))
-    state = full["state_dict"]
-    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{field}: the weights in '{ckpt}' do not fit the model config it records: {err}") from err
-    return model, meta["tokenizer"]
-
-
-# Config entries that say nothing about the architecture (where and how it was saved).
-_VOLATILE = {"transformers_version", "_name_or_path", "use_cache", "dtype", "torch_dtype", "architectures",
-             "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "chop_plan"}
-
-
-def config_differences(saved: dict, now: dict) -> list[str]:
-    """The architecture fields in which two configs (``to_dict()``) differ, each as 'field: saved vs now'."""
-    keys = sorted((set(saved) | set(now)) - _VOLATILE)
-    return [f"{k}: {saved.get(k)!r} vs {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
-
-
 def rng_state() -> dict:
     """This process's python, numpy, torch and CUDA random states, as plain data (``weights_only`` loads it)."""
     from lightning.fabric.utilities.seed import _collect_rng_states
@@ -439,25 +397,3 @@ def set_rng_states(state: dict) -> None:
 
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     _set_rng_states({**state, "numpy": (kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss)})
-
-
-def export_hf(model: PreTrainedModel, tokenizer: Optional[str], out: Path, state_dict: Optional[dict] = None) -> Path:
-    """Write ``model`` (and its tokenizer) as a Hugging Face directory, never over an existing non-empty one.
-
-    ``state_dict``: the full weights when ``model``'s own are sharded (FSDP).
-    """
-    from chop.models.loading import load_tokenizer
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"export: '{out}' exists and is not empty; choose another --out or remove it")
-    config = model.config
-    was_cache = config.use_cache
-    config.use_cache = True
-    try:
-        model.save_pretrained(out, state_dict=state_dict)
-    finally:
-        config.use_cache = was_cache
-    if tokenizer:
-        load_tokenizer(tokenizer).save_pretrained(out)
-    return out
