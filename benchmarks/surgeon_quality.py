@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from chop.models.loading import load_model, load_tokenizer
-from chop.pruning.run import Text, blocks, perplexity
+from chop.pruning.prune_cli import Text, blocks, perplexity
 from chop.pruning.surgeon import Surgeon, prune
 
 BASELINES = {"surgeon": {}, "obd": {"obd": True}, "magnitude": {"magnitude": True},

@@ -20,8 +20,33 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set: chop goes to its offline copies without asking the Hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_or_offline(what: str, hub: Callable[[], T], offline: Optional[Callable[[], T]], fix: str) -> T:
+    """``hub()``, or, when the Hub is off (``HF_HUB_OFFLINE``) or ``hub()`` fails (no network, DNS, a hub error),
+    ``offline()``: chop's one rule for the Hub and its offline copies. With no offline copy (``offline`` None), an
+    error naming ``what``, the Hub's answer and ``fix``."""
+    error: Optional[Exception] = None
+    if not hub_offline():
+        try:
+            return hub()
+        except Exception as err:  # no network, DNS failure, proxy refusal, a hub error: all mean "use the copy"
+            error = err
+    answer = f"{type(error).__name__}: {str(error)[:300]}" if error else "HF_HUB_OFFLINE=1"
+    if offline is None:
+        raise RuntimeError(f"{what}: cannot load it from the Hugging Face Hub ({answer}) and chop has no offline copy "
+                           f"of it; {fix}")
+    log.warning("%s: the Hugging Face Hub is not used (%s); using chop's offline copy", what, answer)
+    return offline()
 
 
 @dataclass(frozen=True)

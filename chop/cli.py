@@ -29,13 +29,13 @@ def export_main(args: list[str]) -> None:
 
 
 def eval_main(args: list[str]) -> None:
-    from chop.eval.run import main
+    from chop.eval.eval_cli import main
 
     main(args)
 
 
 def prune_main(args: list[str]) -> None:
-    from chop.pruning.run import main
+    from chop.pruning.prune_cli import main
 
     main(args)
 

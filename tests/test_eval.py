@@ -194,8 +194,9 @@ def test_files_that_lack_a_field_are_named(tmp_path):
 
 def test_unreachable_data_names_the_task_the_dataset_and_the_way_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="task 'wikitext': cannot load dataset 'EleutherAI/wikitext_document_level'"
-                                           ".*--data_dir DIR with DIR/wikitext/\\*.jsonl"):
+    with pytest.raises(RuntimeError, match="task 'wikitext': dataset 'EleutherAI/wikitext_document_level'.*cannot load "
+                                           "it from the Hugging Face Hub \\(HF_HUB_OFFLINE=1\\) and chop has no offline "
+                                           "copy.*--data_dir DIR with DIR/wikitext/\\*.jsonl"):
         load_docs(TASKS["wikitext"])
 
 
@@ -215,7 +216,7 @@ def test_chop_eval_prints_a_table_and_writes_json(tmp_path, capsys, model, token
 
 def test_chop_eval_starts_without_lightning():
     # Lightning's import costs seconds that an evaluation of an HF model never uses.
-    code = "import sys, chop, chop.cli, chop.eval.run; assert 'lightning' not in sys.modules, 'imported'"
+    code = "import sys, chop, chop.cli, chop.eval.eval_cli; assert 'lightning' not in sys.modules, 'imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 

@@ -15,8 +15,8 @@ LAYERS = {
     "chop.models.loading, chop.models.registry, chop.models.widths, chop.models.checkpoint":
         ("chop.data", "chop.pruning", "chop.eval", "chop.training", "lightning"),
     "chop.data.text": ("chop.pruning", "chop.eval", "chop.training", "lightning"),
-    "chop.pruning.surgeon, chop.pruning.layerchop, chop.pruning.run": ("chop.eval", "chop.training", "lightning"),
-    "chop.eval.engine, chop.eval.suite, chop.eval.run": ("chop.pruning", "chop.training", "lightning"),
+    "chop.pruning.surgeon, chop.pruning.layerchop, chop.pruning.prune_cli": ("chop.eval", "chop.training", "lightning"),
+    "chop.eval.engine, chop.eval.suite, chop.eval.eval_cli": ("chop.pruning", "chop.training", "lightning"),
 }
 
 

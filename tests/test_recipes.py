@@ -19,7 +19,7 @@ def test_config_parses(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = yaml.safe_load(open(path))
     if "surgeon" in cfg:  # a `python -m chop prune` config
-        from chop.pruning.run import parse
+        from chop.pruning.prune_cli import parse
         from chop.pruning.surgeon import Surgeon
 
         args = parse(["--config", path])

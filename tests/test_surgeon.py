@@ -332,7 +332,7 @@ def test_smollm2_at_20_percent_structured_surgeon_beats_k_obd_and_magnitude(tmp_
     tokens: dense 31.1, Surgeon 41.6, K-OBD 51.5, magnitude 127,310; 9 minutes). With fewer calibration tokens than the MLP's
     1,536-wide factors need (32 x 128) the correlated updates overfit and K-OBD ties
     (benchmarks/results/surgeon_quality_h100.json)."""
-    from chop.pruning.run import parse, run
+    from chop.pruning.prune_cli import parse, run
 
     settings = parse(["--config", str(Path(__file__).parents[1] / "configs" / "smollm2_surgeon_structured.yaml")])
     ppl = {}

@@ -176,7 +176,7 @@ class _Plants:
 
 
 def test_a_checkpoint_that_needs_code_is_refused_by_every_command(tmp_path):
-    from chop.eval.run import run
+    from chop.eval.eval_cli import run
 
     marker, evil = tmp_path / "code-ran", tmp_path / "evil.ckpt"
     torch.save({"chop": {"source": "random-init llama", "config": {}}, "state_dict": {}, "x": _Plants(marker)}, evil)

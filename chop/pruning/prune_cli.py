@@ -37,24 +37,25 @@ class Text:
     text_field: str = "text"
 
     def texts(self, offline_split: str) -> Iterator[str]:
+        import itertools
+
         from chop import assets
         from chop.data.text import Source
-        from chop.models.loading import hub_offline
 
         if self.files:
             yield from Source(files=tuple(self.files), text_field=self.text_field).documents()
             return
-        if not hub_offline():
-            try:
-                docs = Source(path=self.path, name=self.name, split=self.split, text_field=self.text_field).documents()
-                first = next(docs)
-                yield first
-                yield from docs
-                return
-            except Exception as err:  # the hub did not answer: chop's offline corpus
-                log.warning("cannot read %s (%s); using chop's offline english-passages", self.path, type(err).__name__)
-        path = assets.english_passages() / f"{offline_split}.jsonl"
-        yield from (t for t in Source(files=(str(path),)).documents() if t.strip())
+
+        def on_hub() -> Iterator[str]:
+            docs = Source(path=self.path, name=self.name, split=self.split, text_field=self.text_field).documents()
+            return itertools.chain([next(docs)], docs)  # the first document: proof the Hub answers
+
+        def passages() -> Iterator[str]:
+            path = assets.english_passages() / f"{offline_split}.jsonl"
+            return (t for t in Source(files=(str(path),)).documents() if t.strip())
+
+        yield from assets.hub_or_offline(f"{self.path} ({self.name}, {self.split}; offline: english-passages)",
+                                         on_hub, passages, "")
 
 
 def blocks(source: Text, tokenizer: Any, length: int, n: int, offline_split: str, what: str) -> list[torch.Tensor]:
