@@ -64,6 +64,16 @@ def test_a_tiny_model_learns_a_separable_dataset(tmp_path, head):
     # Before training (the same random init) it is at chance: the accuracy above was learned.
     untrained = cli_main(["test", "--config", path])
     assert untrained.trainer.callback_metrics["test/acc"] < 0.8
+    # The export holds what was trained: a linear head's weights beside the model, with the class order and prompt.
+    hf = tmp_path / "tiny_cpu_classify" / "checkpoints" / "hf"
+    assert (hf / "classifier.safetensors").exists() == (head == "linear")
+    if head == "linear":
+        from safetensors.torch import load_file
+
+        saved = torch.load(tmp_path / "tiny_cpu_classify" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        exported = load_file(hf / "classifier.safetensors")
+        assert torch.equal(exported["weight"], saved["classifier.weight"]) and torch.equal(exported["bias"], saved["classifier.bias"])
+        assert json.loads((hf / "classifier.json").read_text())["classes"] == fit.datamodule.labels
 
 
 def test_few_shot_sampling_is_balanced_and_reproducible():

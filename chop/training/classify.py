@@ -7,7 +7,9 @@ continuation (a word of several tokens: the sum over its tokens); the loss is th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,3 +126,18 @@ class PromptClassification(ContinuedPretraining):
 
     def on_validation_epoch_end(self) -> None:
         pass  # the metrics above are logged per epoch by Lightning; the parent's LM validation loss is not computed
+
+    def export_extras(self, target: Path, state: dict[str, torch.Tensor]) -> None:
+        """A ``linear`` head is trained with the model: write it beside the model (``classifier.safetensors``,
+        ``weight`` and ``bias``, applied to the last prompt token's final hidden state) with the class order and the
+        prompt (``classifier.json``); otherwise the export would hold the body without its classifier."""
+        if self.classifier is None:
+            return
+        from safetensors.torch import save_file
+
+        data = self.trainer.datamodule
+        save_file({k.removeprefix("classifier."): v.contiguous() for k, v in state.items() if k.startswith("classifier.")},
+                  str(target / "classifier.safetensors"))
+        (target / "classifier.json").write_text(json.dumps({
+            "classes": data.labels, "template": data.template, "input": "final hidden state of the prompt's last token",
+            "weights": "classifier.safetensors"}, indent=2))

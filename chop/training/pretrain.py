@@ -367,6 +367,11 @@ class ContinuedPretraining(L.LightningModule):
             if target.exists() and any(target.iterdir()):  # a resumed run: keep the earlier export too
                 target = out / f"hf-step={self.global_step}"
             export_hf(self.model, self.tokenizer_name, target, weights)
+            self.export_extras(target, state)
+
+    def export_extras(self, target: Path, state: dict[str, torch.Tensor]) -> None:
+        """What a subclass trains beside the model (``state``: the whole gathered state dict), written into the
+        export ``target`` beside the Hugging Face files."""
 
     def output_dir(self) -> Optional[Path]:
         cb = self.trainer.checkpoint_callback
