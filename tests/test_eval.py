@@ -221,6 +221,28 @@ def test_chop_eval_starts_without_lightning():
     assert done.returncode == 0, done.stderr
 
 
+def test_chop_eval_tokenises_in_threads_even_where_parallelism_is_off(tokenizer, monkeypatch):
+    # TOKENIZERS_PARALLELISM=false (the Makefile's, and many users') makes batch encoding serial; chop eval's encoder
+    # turns it on for its batches alone, with the same tokens.
+    import os
+
+    from chop.eval.engine import Encoder
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    rust, seen = tokenizer.backend_tokenizer, []
+
+    class Spy:
+        def encode_batch(self, texts, **kwargs):
+            seen.append(os.environ["TOKENIZERS_PARALLELISM"])
+            return rust.encode_batch(texts, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "backend_tokenizer", property(lambda self: Spy()))
+    requests = [("The cat sat on the", " mat"), ("Paris is in", " France"), ("", " hello")]
+    threaded = Encoder(tokenizer, threads=True).encode_pairs(requests)
+    assert seen == ["true"] and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    assert Encoder(tokenizer).encode_pairs(requests) == threaded and seen == ["true", "false"]
+
+
 def test_scoring_runs_with_the_collector_off_and_restores_it(model, tokenizer, monkeypatch):
     seen = []
     real = Scorer.score_tokens

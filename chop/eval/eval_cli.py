@@ -110,7 +110,7 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     clock = Clock()
     tokenizer, chosen = tokenizer_of(model), get(tasks)
-    encoder = Encoder(tokenizer)
+    encoder = Encoder(tokenizer, threads=True)  # this process forks nothing after it
     with no_gc(), ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
         loading = pool.submit(clock.time, "load model", load, model, dtype, device)
         docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)
