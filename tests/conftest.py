@@ -66,6 +66,15 @@ def make_tokenizer(path: Path, n_doc_ids: int = 1000) -> Path:
     return path
 
 
+def tiny_llama(folder: Path, layers: int = 6) -> Path:
+    """A random-init Llama (seeded) with the word-level tokenizer, saved as a Hugging Face directory."""
+    from chop.models.loading import load_model
+
+    make_tokenizer(folder)
+    load_model(config={**TINY["llama"], "vocab_size": 1100, "num_hidden_layers": layers}).save_pretrained(folder)
+    return folder
+
+
 def write_corpus(path: Path, n_docs: int, words_per_doc: int = 7, field: str = "text", start: int = 0) -> Path:
     """Documents 'd<i> w w w ...' — each exactly ``words_per_doc + 1`` tokens plus EOS."""
     with open(path, "w") as f:

@@ -12,8 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import TINY as TINY_CONFIGS
-from conftest import make_tokenizer, write_corpus
+from conftest import tiny_llama, write_corpus
 from test_training import DROPOUT, FIX, ROOT, TINY, TINY_DISTILL, args, run_cli
 from transformers import AutoModelForCausalLM
 
@@ -162,16 +161,6 @@ def test_ddp_on_two_gpus_reads_each_document_once_from_its_own_files(tmp_path, p
         seen += [int(vocab[t][1:]) for r in rows for block in r["ids"] for t in block
                  if vocab[t][0] == "d" and vocab[t][1:].isdigit()]
     assert sorted(seen) == list(range(128))  # 2 ranks x 16 steps x 4 blocks: the epoch, each document once
-
-
-def tiny_llama(folder, layers=6, dtype=None):
-    """A random-init Llama with the tests' word-level tokenizer, saved as a Hugging Face directory."""
-    from chop.models.loading import load_model
-
-    make_tokenizer(folder)
-    torch.manual_seed(0)
-    load_model(config={**TINY_CONFIGS["llama"], "vocab_size": 1100, "num_hidden_layers": layers}).save_pretrained(folder)
-    return folder
 
 
 def prune_cli(place, world, *argv):

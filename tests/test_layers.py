@@ -63,13 +63,9 @@ def test_a_layer_imports_nothing_above_it(modules):
 
 
 def test_chop_eval_and_chop_prune_run_without_lightning(tmp_path):
-    from conftest import TINY, make_tokenizer
+    from conftest import tiny_llama
 
-    from chop.models.loading import load_model
-
-    model = tmp_path / "tiny"
-    make_tokenizer(model)
-    load_model(config={**TINY["llama"], "vocab_size": 1100}).save_pretrained(model)
+    model = tiny_llama(tmp_path / "tiny")
     code = (f"from chop.cli import main\n"
             f"main(['eval', '--model', '{model}', '--tasks', 'c4,copa', '--data_dir', '{FIX / 'eval'}', '--limit', '3'])\n"
             f"main(['prune', '--model', '{model}', '--out', '{tmp_path / 'pruned'}', '--surgeon.mode', 'structured', "

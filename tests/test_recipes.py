@@ -8,7 +8,7 @@ import yaml
 
 from chop.training.cli import cli_main
 from chop.models import loading
-from conftest import TINY, make_tokenizer, write_corpus
+from conftest import TINY, make_tokenizer, tiny_llama, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("recipes/**/*.yaml"), *ROOT.glob("configs/*.yaml")])
@@ -34,9 +34,7 @@ def test_config_parses(path, monkeypatch):
 @pytest.mark.parametrize("recipe", ["llama2_7b_layerchop_input", "llama2_7b_layerchop_input_distill"])
 def test_llama2_recipe_runs_with_local_sources(tmp_path, monkeypatch, recipe):
     """The paper recipe, shrunk to the CPU: the hub ids resolve to a tiny local Llama and local C4-like files."""
-    model_dir = tmp_path / "llama"
-    make_tokenizer(model_dir)
-    loading.load_model(config={**TINY["llama"], "vocab_size": 1100, "num_hidden_layers": 32}).save_pretrained(model_dir)
+    model_dir = tiny_llama(tmp_path / "llama", layers=32)
     train, val = write_corpus(tmp_path / "c4-train.jsonl", 200), write_corpus(tmp_path / "c4-val.jsonl", 20, start=500)
     real_resolve, real_load = loading.resolve, datasets.load_dataset
     monkeypatch.setattr(loading, "resolve", lambda n: str(model_dir) if n == "meta-llama/Llama-2-7b-hf" else real_resolve(n))

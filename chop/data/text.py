@@ -5,6 +5,7 @@ text through this module alone, so they start without Lightning."""
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -92,6 +93,12 @@ class Source:
         for part in range(self.num_parts()):
             for _, text in self.rows(part):
                 yield text
+
+
+def started(texts: Iterator[str]) -> Iterator[str]:
+    """``texts`` with its first item already read, so that a source that cannot be read (the Hub did not answer)
+    fails here rather than where the texts are used."""
+    return itertools.chain([next(texts)], texts)
 
 
 def expand_files(files: Union[str, list[str], None], field: str) -> Optional[tuple[str, ...]]:

@@ -276,10 +276,8 @@ BLOCK_LEN, N_BLOCKS = 2048, 256
 def stream_texts(task: Task, data_dir: Optional[str] = None) -> Iterator[str]:
     """The texts of a ``blocks`` task in order, streamed: ``data_dir/<task>/`` files, else the hub, else chop's
     offline corpus (with a warning: it is other English text, not the task's)."""
-    import itertools
-
     from chop import assets
-    from chop.data.text import BUILDERS, Source
+    from chop.data.text import BUILDERS, Source, started
 
     fix = f"point chop at local files: --data_dir DIR with DIR/{task.name}/*.jsonl (field '{task.fields[0]}')"
     if data_dir is not None:
@@ -290,8 +288,8 @@ def stream_texts(task: Task, data_dir: Optional[str] = None) -> Iterator[str]:
         return Source(files=tuple(files), text_field=task.fields[0]).documents()
 
     def on_hub() -> Iterator[str]:
-        texts = Source(path=task.path, name=task.config, split=task.split, text_field=task.fields[0]).documents()
-        return itertools.chain([next(texts)], texts)  # the first document: proof the Hub answers
+        hub = Source(path=task.path, name=task.config, split=task.split, text_field=task.fields[0])
+        return started(hub.documents())
 
     def corpus() -> Iterator[str]:  # other English text, not the task's: the warning says so
         return Source(files=(str(assets.OFFLINE_CORPORA[task.offline]() / "val.jsonl"),)).documents()

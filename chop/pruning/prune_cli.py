@@ -37,18 +37,16 @@ class Text:
     text_field: str = "text"
 
     def texts(self, offline_split: str) -> Iterator[str]:
-        import itertools
-
         from chop import assets
-        from chop.data.text import Source
+        from chop.data.text import Source, started
 
         if self.files:
             yield from Source(files=tuple(self.files), text_field=self.text_field).documents()
             return
 
         def on_hub() -> Iterator[str]:
-            docs = Source(path=self.path, name=self.name, split=self.split, text_field=self.text_field).documents()
-            return itertools.chain([next(docs)], docs)  # the first document: proof the Hub answers
+            hub = Source(path=self.path, name=self.name, split=self.split, text_field=self.text_field)
+            return started(hub.documents())
 
         def passages() -> Iterator[str]:
             path = assets.english_passages() / f"{offline_split}.jsonl"

@@ -3,7 +3,7 @@ are added over ranks, and rank 0's decisions and weights are the ones every rank
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -31,26 +31,26 @@ def _wire(t: torch.Tensor) -> torch.device:
     return t.device
 
 
-def sum_over_ranks(tensors: Sequence[torch.Tensor]) -> None:
-    """Add each tensor over ranks, in place (a no-op on one process)."""
+def _in_place(tensors: Sequence[torch.Tensor], collective: Callable[[torch.Tensor], Any]) -> None:
+    """Run ``collective`` on each tensor in place, through the device the backend needs (a no-op on one process)."""
     if rank_and_world()[1] == 1:
         return
     for t in tensors:
-        on = t.to(_wire(t))
-        dist.all_reduce(on)
+        t = t.detach()
+        on = t.to(_wire(t))  # ``t`` itself where it already is on that device: no copy back
+        collective(on)
         if on is not t:
             t.copy_(on)
 
 
+def sum_over_ranks(tensors: Sequence[torch.Tensor]) -> None:
+    """Add each tensor over ranks, in place."""
+    _in_place(tensors, dist.all_reduce)
+
+
 def from_rank0(tensors: Sequence[torch.Tensor]) -> None:
     """Overwrite each tensor with rank 0's, in place."""
-    if rank_and_world()[1] == 1:
-        return
-    for t in tensors:
-        on = t.detach().to(_wire(t))
-        dist.broadcast(on, 0)
-        if on is not t:
-            t.detach().copy_(on)
+    _in_place(tensors, lambda t: dist.broadcast(t, 0))
 
 
 def object_from_rank0(obj: Any) -> Any:
