@@ -223,9 +223,11 @@ def _from_dir(task: Task, folder: Path) -> Any:
         return ds[task.split] if isinstance(ds, datasets.DatasetDict) else ds
     from chop.data.text import BUILDERS, builder_of
 
-    files = sorted(p for p in folder.iterdir() if p.suffix in BUILDERS)
+    # Documents have fields: json, jsonl or parquet files (a stray README.txt beside them is not read).
+    kinds = sorted(k for k, b in BUILDERS.items() if b in ("json", "parquet") and k != ".gz")
+    files = sorted(p for p in folder.iterdir() if p.suffix in kinds)
     if not files:
-        raise FileNotFoundError(f"task '{task.name}': {folder} holds none of {sorted(BUILDERS)} files")
+        raise FileNotFoundError(f"task '{task.name}': {folder} holds none of {kinds} files")
     return datasets.load_dataset(builder_of(files[0], f"task '{task.name}'"), data_files=[str(f) for f in files],
                                  split="train")
 
