@@ -27,13 +27,14 @@ setup: $(VENV)/.assets
 quickstart: setup
 	$(BIN)/python -m chop fit --config configs/quickstart.yaml
 
-# Everything CI runs: the fast suite, then the slow one (real model, multi-process).
+# Everything CI runs: the unit tests (tests/unit, mirroring chop/), then the integration tests (tests/integration:
+# CLI runs, the real model, several processes, lm-eval agreement).
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q
-	$(BIN)/python -m pytest -m "slow and not gpu" -q
+	$(BIN)/python -m pytest tests/unit -m "not gpu" -q
+	$(BIN)/python -m pytest tests/integration -m "not gpu" -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+	$(BIN)/python -m pytest tests/unit -m "not slow and not gpu" -q
 
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow and not gpu" -q

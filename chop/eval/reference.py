@@ -40,11 +40,14 @@ def lm_eval_reads(tasks: list[str], data_dir: Optional[str] = None, limit: Optio
 
 
 def run_lm_eval(model_dir: str, tasks: list[str], limit: Optional[int] = None, data_dir: Optional[str] = None,
-                batch_size: Any = 64, dtype: str = "float32", device: str = "cpu") -> dict[str, Any]:
-    """lm-eval's ``simple_evaluate`` with ``--model hf`` on chop's documents; returns its results and samples."""
+                batch_size: Any = 64, dtype: str = "float32", device: str = "cpu",
+                trust_remote_code: bool = False) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` with ``--model hf`` on chop's documents; returns its results and samples.
+    ``trust_remote_code``: for a model whose layers differ in width (its ``modeling_chop.py``)."""
     import lm_eval
 
+    model_args = f"pretrained={model_dir},dtype={dtype}" + (",trust_remote_code=True" if trust_remote_code else "")
     with lm_eval_reads(tasks, data_dir, limit):
-        return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=tasks,
+        return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks,
                                        num_fewshot=0, limit=limit, batch_size=batch_size, device=device,
                                        log_samples=True, bootstrap_iters=0)

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chop.eval.engine import Scorer
 from chop.eval.tasks import BLOCK_LEN, N_BLOCKS, Doc, Task, get, load_docs, stream_texts
+from chop.models.perplexity import token_perplexity
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _metrics(task: Task, docs: list[Doc], scores: list[list[tuple[float, bool]]]
     if task.kind == "blocks":
         lls = [s[0][0] for s in scores]
         n_tokens = sum(len(d["tokens"]) - 1 for d in docs)
-        return TaskResult(task.name, len(docs), {"perplexity": math.exp(-sum(lls) / n_tokens)}, {},
+        return TaskResult(task.name, len(docs), {"perplexity": token_perplexity(-sum(lls), n_tokens)}, {},
                           [{"ll": ll} for ll in lls])
     if task.kind == "loglikelihood":
         lls = [s[0][0] for s in scores]

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from chop.models.loading import from_config, load_tokenizer
+from chop.models.widths import write_remote_code
 
 
 def load_checkpoint(path: Any, field: str = "--ckpt_path") -> dict:
@@ -81,6 +82,15 @@ def export_hf(model: PreTrainedModel, tokenizer: Optional[str], out: Path, state
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export: '{out}' exists and is not empty; choose another --out or remove it")
+    save_model(model, out, state_dict)
+    if tokenizer:
+        load_tokenizer(tokenizer).save_pretrained(out)
+    return out
+
+
+def save_model(model: PreTrainedModel, out: Path, state_dict: Optional[dict] = None) -> None:
+    """``save_pretrained`` for generation (``use_cache`` on), and, where layers differ in width, the modeling code that
+    lets ``from_pretrained(out, trust_remote_code=True)`` load it without chop (``widths.write_remote_code``)."""
     config = model.config
     was_cache = config.use_cache
     config.use_cache = True
@@ -88,6 +98,4 @@ def export_hf(model: PreTrainedModel, tokenizer: Optional[str], out: Path, state
         model.save_pretrained(out, state_dict=state_dict)
     finally:
         config.use_cache = was_cache
-    if tokenizer:
-        load_tokenizer(tokenizer).save_pretrained(out)
-    return out
+    write_remote_code(model, Path(out))

@@ -161,16 +161,6 @@ def column_costs_obd(w: torch.Tensor, f: Factors) -> torch.Tensor:
     return element_costs_obd(w, f).sum(0)
 
 
-def nm_costs(costs: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each group of ``m`` consecutive weights of a row: the sum of its ``n`` smallest costs, and the mask of
-    those ``n`` (True = remove)."""
-    rows, cols = costs.shape
-    groups = costs.view(rows, cols // m, m)
-    smallest = groups.topk(n, dim=-1, largest=False)
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, smallest.indices, True)
-    return smallest.values.sum(-1), mask.view(rows, cols)
-
-
 # -- correlated updates of the remaining weights ------------------------------------------------------------------
 def remove_rows(w: torch.Tensor, f: Factors, rows: torch.Tensor) -> torch.Tensor:
     """W + ΔW with ΔW = −G⁻¹[:,R] ([G⁻¹]_RR)⁻¹ W_R: rows R become zero, the others compensate."""

@@ -1,6 +1,7 @@
-"""``python -m chop prune --config CONFIG``: LLM Surgeon on a model, written as a Hugging Face directory plus
-``surgeon.json`` (what was removed, per shot and per layer) and TensorBoard events (held-out perplexity and sparsity
-per shot, sparsity by layer and matrix type).
+"""``python -m chop prune --config CONFIG``: a pruning method (LLM Surgeon, K-OBD, magnitude, Wanda, Minitron's
+activation ranking: ``pruning.method``) on a model, written as a Hugging Face directory plus ``pruning.json`` (what was
+removed, per shot and per layer) and TensorBoard events (held-out perplexity and sparsity per shot, sparsity by layer
+and matrix type).
 
 On several GPUs: ``torchrun --nproc_per_node N -m chop prune --config CONFIG``. Each rank gathers curvature and
 held-out perplexity on its share of the batches; all keep rank 0's removals, and rank 0 writes the result.
@@ -10,17 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from chop.models.perplexity import token_perplexity
 from chop.pruning import ranks
-from chop.pruning.surgeon import Report, Surgeon, prune
+from chop.pruning.layerchop import LayerChop
+from chop.pruning.pruner import Report
+from chop.pruning.registry import Pruning
+from chop.pruning.student import build_student
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +32,25 @@ log = logging.getLogger(__name__)
 @dataclass
 class Text:
     """A text source: a hub dataset (``path``, ``name``, ``split``) or local ``files``; offline, chop's
-    english-passages (``train`` for calibration, ``val`` for held-out)."""
+    english-passages (``train`` for calibration, ``val`` for held-out). ``join``: the rows joined by this string into
+    one text before tokenising (WikiText's perplexity protocol, GPTQ's and LLM Surgeon's: ``"\n\n"``); unset: each
+    row a document, EOS between them."""
 
     path: Optional[str] = "Salesforce/wikitext"
     name: Optional[str] = "wikitext-2-raw-v1"
     split: str = "train"
     files: Optional[list[str]] = None
     text_field: str = "text"
+    join: Optional[str] = None
 
     def texts(self, offline_split: str) -> Iterator[str]:
+        rows = self._rows(offline_split)
+        if self.join is None:
+            yield from rows
+        else:
+            yield self.join.join(rows)
+
+    def _rows(self, offline_split: str) -> Iterator[str]:
         from chop import assets
         from chop.data.text import Source, started
 
@@ -68,7 +82,7 @@ def blocks(source: Text, tokenizer: Any, length: int, n: int, offline_split: str
 
 @torch.no_grad()
 def perplexity(model: Any, held_out: list[torch.Tensor], batch_size: int = 4) -> float:
-    """Token perplexity of the held-out blocks."""
+    """Token perplexity of the held-out blocks, each rank scoring its share."""
     device = next(model.parameters()).device
     sums = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
     for i in ranks.my_share(range(0, len(held_out), batch_size)):
@@ -77,73 +91,105 @@ def perplexity(model: Any, held_out: list[torch.Tensor], batch_size: int = 4) ->
         sums[0] += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
         sums[1] += ids[:, 1:].numel()
     ranks.sum_over_ranks([sums])
-    return math.exp(float(sums[0] / sums[1]))
+    return token_perplexity(float(sums[0]), int(sums[1]))
 
 
-def run(model: str, out: str, surgeon: Surgeon = Surgeon(), calibration: Text = Text(),
-        held_out: Text = Text(split="test"), held_out_blocks: int = 16, dtype: str = "float32",
-        device: Optional[str] = None, tokenizer: Optional[str] = None, seed: int = 0) -> Report:
-    """Prune ``model`` with LLM Surgeon and write it to ``out``.
+def run(model: str, out: str, pruning: Optional[Pruning] = None, chop: Optional[LayerChop] = None,
+        calibration: Text = Text(), held_out: Text = Text(split="test", join="\n\n"), held_out_blocks: int = 16,
+        dtype: str = "float32", device: Optional[str] = None, tokenizer: Optional[str] = None,
+        seed: int = 0) -> Optional[Report]:
+    """Chop and/or prune ``model`` (``build_student``: layers first, then the pruner) and write it to ``out``.
 
     Args:
         model: hub id or directory of the model to prune.
-        out: a new (or empty) directory for the pruned model, its tokenizer and surgeon.json.
-        surgeon: the method's settings (mode, sparsity, shots, damping, ...).
-        calibration: text the curvature is estimated on (default: wikitext-2 train, as the paper).
-        held_out: text whose perplexity is logged after every shot (default: wikitext-2 test).
+        out: a new (or empty) directory for the pruned model, its tokenizer and pruning.json.
+        pruning: the method (``method``: surgeon, obd, magnitude, wanda, activation; without one, surgeon) and its
+            own settings; unset: chop layers only.
+        chop: decoder layers to remove before pruning (as ``chop fit``'s ``model.chop``).
+        calibration: text the method's statistics are gathered on (default: wikitext-2 train, as LLM Surgeon).
+        held_out: text whose perplexity is logged after every shot (default: wikitext-2 test, its rows joined by
+            blank lines as the standard WikiText-2 perplexity protocol does).
         held_out_blocks: sequences of the calibration length in the held-out set (0: no held-out perplexity).
         dtype: the model's dtype while pruning (curvature and updates are float64 regardless).
         device: cuda or cpu (default: cuda when there is one; under torchrun, each rank's own GPU).
         tokenizer: when it differs from ``model``.
         seed: for sampled Fisher labels.
     """
+    from chop.models.checkpoint import save_model
     from chop.models.loading import load_config, load_model, load_tokenizer
 
     folder = Path(out)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"--out: '{out}' exists and is not empty; choose another directory")
+    if pruning is None and chop is None:
+        raise ValueError("--pruning/--chop: give a pruning method, layers to chop, or both")
     config = load_config(model)
-    surgeon.check(config)  # bad settings or an unknown architecture: before any weights or data load
+    if pruning is not None:
+        pruning.check(config)  # bad settings or an unknown architecture: before any weights or data load
+    if chop is not None:
+        chop.n_to_remove(config.get_text_config().num_hidden_layers)
     tok = load_tokenizer(tokenizer or model)
-    seq = surgeon.seq_len or getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
-    calib = blocks(calibration, tok, seq + 1, surgeon.calibration_samples, "train", "surgeon.calibration_samples")
+    seq = (pruning and pruning.seq_len) or getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
+    batch = pruning.batch_size if pruning is not None else 4
+    wanted = max(pruning.calibration_samples if pruning is not None else 0,
+                 chop.calibration_batches * batch if chop is not None and chop.strategy == "block_influence" else 0)
+    calib = blocks(calibration, tok, seq + 1, wanted, "train", "pruning.calibration_samples") if wanted else []
     test = blocks(held_out, tok, seq + 1, held_out_blocks, "val", "held_out_blocks") if held_out_blocks else []
-    batches = [torch.stack(calib[i:i + surgeon.batch_size]) for i in range(0, len(calib), surgeon.batch_size)]
+    data = Batches([torch.stack(calib[i:i + batch]) for i in range(0, len(calib), batch)])
     torch.manual_seed(seed)
     device = _join_ranks(device)
-    net = load_model(model, dtype=dtype).to(device)
     first = ranks.rank_and_world()[0] == 0  # rank 0 writes; under torchrun the others only compute
     if first:
         folder.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(folder / "tensorboard")) if first else None
-    dense = perplexity(net, test) if test else None
-    if dense is not None and first:
-        writer.add_scalar("surgeon/ppl", dense, 0)
-        log.info("dense held-out perplexity %.3f", dense)
+    dense: list[Optional[float]] = [None]
+
+    def load() -> Any:
+        net = load_model(model, dtype=dtype).to(device)
+        dense[0] = perplexity(net, test) if test else None
+        if dense[0] is not None and first:
+            writer.add_scalar("pruning/ppl", dense[0], 0)
+            log.info("dense held-out perplexity %.3f", dense[0])
+        return net
 
     def on_shot(shot: int, record: dict) -> None:
         if not first:
             return
-        writer.add_scalar("surgeon/sparsity", record["sparsity"], shot)
+        writer.add_scalar("pruning/sparsity", record["sparsity"], shot)
         if "ppl" in record:
-            writer.add_scalar("surgeon/ppl", record["ppl"], shot)
+            writer.add_scalar("pruning/ppl", record["ppl"], shot)
         if "lora_loss" in record:
-            writer.add_scalar("surgeon/lora_loss", record["lora_loss"], shot)
+            writer.add_scalar("pruning/lora_loss", record["lora_loss"], shot)
         _log_layers(writer, record["layers"], shot)
 
-    report = prune(net, surgeon, batches, evaluate=(lambda m: perplexity(m, test)) if test else None, on_shot=on_shot)
+    student = build_student(load, chop, pruning, data, evaluate=(lambda m: perplexity(m, test)) if test else None,
+                            on_shot=on_shot)
+    report, net = student.report, student.model
     if not first:
         return report
+    after = perplexity(net, test) if test and report is None else (report.shots[-1].get("ppl") if report else None)
     writer.close()
-    net.save_pretrained(folder)
+    save_model(net, folder)
     tok.save_pretrained(folder)
-    (folder / "surgeon.json").write_text(json.dumps({"model": model, "dense_ppl": dense, "settings": vars(surgeon),
-                                                     **report.to_dict()}, indent=2))
-    print(f"{model} -> {folder}: {report.mode}, sparsity {1 - report.params_after / report.params_before:.4f} of the "
-          f"decoder linears; held-out perplexity {dense} -> {report.shots[-1].get('ppl')}")
+    (folder / "pruning.json").write_text(json.dumps({
+        "model": model, "dense_ppl": dense[0], "ppl": after, "settings": asdict(pruning) if pruning else None,
+        "chop": student.plan.to_dict() if student.plan else None, **(report.to_dict() if report else {})}, indent=2))
+    what = f"{report.method} {report.mode}, sparsity {1 - report.params_after / report.params_before:.4f} of the " \
+           f"decoder linears" if report else f"{len(student.plan.kept)} of {student.plan.num_layers_before} layers kept"
+    print(f"{model} -> {folder}: {what}; held-out perplexity {dense[0]} -> {after}")
     return report
+
+
+@dataclass
+class Batches:
+    """Calibration batches already made (``CalibrationData`` over a list: the first ``n``)."""
+
+    batches: list[torch.Tensor]
+
+    def calibration_batches(self, n: int) -> list[torch.Tensor]:
+        return self.batches[:n]
 
 
 def _join_ranks(device: Optional[str]) -> str:
@@ -198,7 +244,7 @@ def parser() -> ArgumentParser:
 
 
 def parse(args: Optional[list[str]] = None) -> dict:
-    """``run``'s arguments from the command line and config files, typed (a ``Surgeon``, ``Text``s)."""
+    """``run``'s arguments from the command line and config files, typed (a ``Pruner``, ``Text``s)."""
     p = parser()
     cfg = p.parse_args(args)
     cfg.pop("config", None)

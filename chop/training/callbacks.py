@@ -1,10 +1,11 @@
-"""Lightning callbacks and plugins that chop configs name: throughput/MFU, compute budgets, atomic checkpoints."""
+"""Lightning callbacks and plugins: compute accounting, throughput/MFU, compute budgets, atomic checkpoints."""
 
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +35,47 @@ class TokenThroughput(ThroughputMonitor):
             self.available_flops = peak * 1e12
             for t in self._throughputs.values():
                 t.available_flops = self.available_flops
+
+
+class ComputeAccounting(Callback):
+    """A run's cumulative tokens, training FLOPs (the module's ``flops_per_batch``) and device-hours (wall time x
+    devices), over all ranks and across resumes: logged as ``train/tokens_seen``, ``train/flops`` and
+    ``train/gpu_hours``, saved in every checkpoint as this callback's state. Every chop training module adds one."""
+
+    def __init__(self) -> None:
+        self.tokens, self.flops, self.device_seconds = 0, 0.0, 0.0
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._clock = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._batch_tokens = batch["input_ids"][:, :-1].numel()
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        # Counted once the step's compute is spent, inside the step: other callbacks' on_train_batch_end (a checkpoint,
+        # a record of the step) see it whatever their order.
+        world, now = trainer.world_size, time.perf_counter()
+        self.tokens += self._batch_tokens * world
+        self.flops += pl_module.flops_per_batch * world
+        self.device_seconds += (now - self._clock) * world
+        self._clock = now
+        pl_module.log_dict({"train/tokens_seen": float(self.tokens), "train/flops": self.flops,
+                            "train/gpu_hours": self.device_seconds / 3600})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "flops": self.flops, "device_seconds": self.device_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens, self.flops, self.device_seconds = state["tokens"], state["flops"], state["device_seconds"]
+
+
+def accounting(trainer: Any) -> ComputeAccounting:
+    """The run's ``ComputeAccounting`` callback."""
+    found = [cb for cb in trainer.callbacks if isinstance(cb, ComputeAccounting)]
+    if not found:
+        raise ValueError("trainer.callbacks: no ComputeAccounting; chop's training modules add it "
+                         "(configure_callbacks), a module of another kind must add it to count compute")
+    return found[0]
 
 
 class ComputeBudget(Callback):
@@ -70,8 +112,9 @@ class ComputeBudget(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if trainer.fit_loop.epoch_loop._should_accumulate():
             return  # stop only where an optimizer step has just been taken, as the schedule does
-        if (self.max_tokens is not None and pl_module.tokens_seen >= self.max_tokens) or \
-                (self.max_flops is not None and pl_module.flops_seen >= self.max_flops):
+        spent = accounting(trainer)
+        if (self.max_tokens is not None and spent.tokens >= self.max_tokens) or \
+                (self.max_flops is not None and spent.flops >= self.max_flops):
             trainer.should_stop = True
 
 

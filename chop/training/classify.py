@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from chop.training.pretrain import ContinuedPretraining
+from chop.training.module import CausalLMModule
 
 HEADS = ("verbalizer", "linear")
 
@@ -55,10 +55,10 @@ def verbalizer_scores(body: Callable[[torch.Tensor], torch.Tensor], head: Callab
     return scores.view(batch, n_classes)
 
 
-class PromptClassification(ContinuedPretraining):
+class PromptClassification(CausalLMModule):
     """Fine-tunes all weights of a (chopped) causal LM to classify text by prompting.
 
-    Takes every argument of ``ContinuedPretraining`` (model, chop, optimizer), plus:
+    Takes every argument of ``CausalLMModule`` (model, chop, pruning, optimizer), plus:
 
     Args:
         head: ``verbalizer`` (the LM's own next-word probabilities of the data's verbalizer words) or ``linear``
@@ -114,9 +114,7 @@ class PromptClassification(ContinuedPretraining):
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
-        self._count_compute()
-        return loss
+        return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -124,8 +122,12 @@ class PromptClassification(ContinuedPretraining):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def on_validation_epoch_end(self) -> None:
-        pass  # the metrics above are logged per epoch by Lightning; the parent's LM validation loss is not computed
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per prompt token: the body's forward and backward on every token (6N + 12 L d s, N without
+        the LM head), and the head (the verbalizer's LM head, or the linear layer) on one token per prompt."""
+        lm_head = self.model.get_output_embeddings().weight.numel()
+        head = self.classifier.weight.numel() if self.classifier is not None else lm_head
+        return self.model_size.train_flops(seq_len) - 6 * lm_head + 6 * head / seq_len
 
     def export_extras(self, target: Path, state: dict[str, torch.Tensor]) -> None:
         """A ``linear`` head is trained with the model: write it beside the model (``classifier.safetensors``,

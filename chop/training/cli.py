@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from chop.models.checkpoint import load_checkpoint
 from chop.training.callbacks import AtomicCheckpointIO
 from chop.models.checkpoint import read_checkpoint_meta
-from chop.training.pretrain import ContinuedPretraining
+from chop.training.module import CausalLMModule
 
 
 def _tokenizer(tokenizer: Optional[str], name: Optional[str]) -> Optional[str]:
@@ -54,7 +54,7 @@ def checkpoint_folder(trainer: Any) -> Optional[Path]:
     return Path(cb.dirpath) if cb.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
 
 
-def check_resume(trainer: Any, model: ContinuedPretraining, ckpt_path: Optional[str]) -> Optional[str]:
+def check_resume(trainer: Any, model: CausalLMModule, ckpt_path: Optional[str]) -> Optional[str]:
     """The checkpoint to resume from, or None for a new run; refuses, before anything is written, a corrupt checkpoint,
     one whose model, chop or pruning differ from the config, and a new run into a folder that holds checkpoints."""
     folder = checkpoint_folder(trainer)
@@ -99,7 +99,7 @@ def check_resume(trainer: Any, model: ContinuedPretraining, ckpt_path: Optional[
 
 def cli_main(args: Optional[list[str]] = None) -> ChopCLI:
     return ChopCLI(
-        ContinuedPretraining,
+        CausalLMModule,  # ContinuedPretraining, Distillation or PromptClassification
         LightningDataModule,  # StreamingDataModule for pretraining, ClassificationDataModule for prompt fine-tuning
         subclass_mode_model=True,
         subclass_mode_data=True,

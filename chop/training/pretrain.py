@@ -1,197 +1,40 @@
-"""Continued pretraining of a (chopped) causal LM: the LightningModule that every chop recipe trains.
-
-Other training modules (distillation, classification) subclass it and override ``training_loss``.
-"""
+"""Continued pretraining of a (chopped, pruned) causal LM on the LM loss: the module every chop recipe trains.
+Distillation subclasses it and overrides ``training_loss``."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import math
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
-from torchmetrics import MeanMetric
-from transformers import AutoConfig, PreTrainedModel
+from torchmetrics import SumMetric
 
-from chop.models.checkpoint import CKPT_KEY, config_differences, export_hf, read_checkpoint_meta
-from chop.models.loading import DTYPES, from_config, load_config, load_model
-from chop.models.registry import num_layers, output_head
-from chop.pruning.layerchop import ChopPlan, LayerChop, chop
-from chop.pruning.surgeon import Surgeon
-from chop.pruning.surgeon import prune as surgeon_prune
-from chop.training import optim
-from chop.training.callbacks import ComputeBudget
-from chop.training.flops import ModelSize
+from chop.models.perplexity import token_perplexity
 from chop.training.losses import LogitLoss, chunk_for, head_losses
-
-log = logging.getLogger(__name__)
-
+from chop.training.module import CausalLMModule
 
 
-class ContinuedPretraining(L.LightningModule):
-    """Loads ``name`` (hub id or directory) or a random-init ``config``, chops it, trains all weights on the LM loss.
+class ContinuedPretraining(CausalLMModule):
+    """Trains all weights of the (chopped, pruned) model on the next-token loss; validation logs ``val/loss`` and
+    ``val/ppl`` (token perplexity over the whole validation set).
+
+    Takes every argument of ``CausalLMModule`` (model, chop, pruning, optimizer, ...), plus:
 
     Args:
-        name: hub id or local directory of the source model.
-        tokenizer: tokenizer id/directory when it differs from ``name`` (e.g. a random-init ``config``).
-        config: a config dict with ``model_type`` for a random-init model, or overrides of ``name``'s config.
-        dtype: parameter dtype (``float32`` with ``bf16-mixed`` precision on GPU is the usual choice).
-        attn_implementation: ``sdpa``, ``flash_attention_2`` or ``eager``.
-        chop: which layers to delete before training (None: train the model as it is).
-        pruning: LLM Surgeon settings to prune the (chopped) model before training, on
-            ``pruning.calibration_samples`` sequences of the training data (``chop.pruning.surgeon.Surgeon``).
-            Structured pruning leaves smaller matrices; (semi)unstructured zeros are not held at zero in training.
-        optim: optimizer and learning-rate schedule.
-        compile: run the forward through ``torch.compile``.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-        export_on_end: at the end of ``fit``, write the model and tokenizer as a Hugging Face directory
-            ``hf/`` beside the checkpoints.
-        max_nonfinite_steps: optimizer steps in a row whose gradients are not finite (NaN/inf loss, overflow) before
-            training stops with an error; such steps are skipped (no update), so checkpoints keep the last good weights.
         logit_chunk: tokens per chunk in which logits and their losses are computed, so that the full
             ``[tokens, vocab]`` float32 logits never exist at once. Default: 512 MiB of float32 logits per chunk
             (``losses.chunk_for``); 0: all at once.
     """
 
-    def __init__(
-        self,
-        name: Optional[str] = None,
-        tokenizer: Optional[str] = None,
-        config: Optional[dict] = None,
-        dtype: str = "float32",
-        attn_implementation: Optional[str] = "sdpa",
-        chop: Optional[LayerChop] = None,
-        pruning: Optional[Surgeon] = None,
-        optim: optim.Optim = optim.Optim(),
-        compile: bool = False,
-        gradient_checkpointing: bool = False,
-        export_on_end: bool = True,
-        logit_chunk: Optional[int] = None,
-        max_nonfinite_steps: int = 3,
-    ) -> None:
-        super().__init__()
-        chop = LayerChop(**chop) if isinstance(chop, dict) else chop  # Python callers may pass plain dicts
-        pruning = Surgeon(**pruning) if isinstance(pruning, dict) else pruning
-        if dtype not in DTYPES:
-            raise ValueError(f"model.dtype: '{dtype}' is not one of {list(DTYPES)}")
-        if name is None and not (config and "model_type" in config):
-            raise ValueError("model.name: give a hub id or directory, or model.config with a model_type for random init")
+    def __init__(self, *args: Any, logit_chunk: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         if logit_chunk is not None and logit_chunk < 0:
             raise ValueError(f"model.logit_chunk: {logit_chunk} must be >= 0 (0 computes all logits at once)")
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"model.max_nonfinite_steps: {max_nonfinite_steps} must be >= 1")
-        self.save_hyperparameters()
-        for key, value in list(self.hparams.items()):  # plain data, so that checkpoints load with weights_only=True
-            if dataclasses.is_dataclass(value):
-                self.hparams[key] = dataclasses.asdict(value)
-        # LightningCLI stores its config (plain dicts) as hparams: keep the typed arguments themselves too.
-        self.name, self.config_overrides, self.dtype_name, self.attn = name, config, dtype, attn_implementation
-        self.chop_spec, self.optim_cfg, self.tokenizer_name = chop, optim, tokenizer or name
-        self.compile_forward, self.gradient_checkpointing, self.export_on_end = compile, gradient_checkpointing, export_on_end
-        self.logit_chunk, self.max_nonfinite_steps = logit_chunk, max_nonfinite_steps
-        self.resume_checkpoint: Optional[str] = None  # set by `chop fit --ckpt_path`: the architecture comes from it
-        self._nonfinite_steps = 0
-        # The random state after the last training step's forward, set again as the next step starts: what
-        # runs in between (validation's data iterators, a checkpoint's reload) cannot shift dropout, so a resumed run
-        # draws the very numbers an uninterrupted one draws.
-        self._training_rng: Optional[dict] = None
-        self.model: Optional[PreTrainedModel] = None
-        self.plan: Optional[ChopPlan] = None
-        self.tokens_seen, self.flops_seen, self.device_seconds = 0, 0.0, 0.0
-        self.val_loss = MeanMetric()
-        if chop is not None:
-            chop.n_to_remove(num_layers(self.source_config()))  # reject a bad target before any weights load
-        self.pruning = pruning
-        if pruning is not None:
-            pruning.check(self.source_config())
+        self.logit_chunk = logit_chunk
+        self.val_nll, self.val_tokens = SumMetric(), SumMetric()  # summed over batches and ranks
 
-    @property
-    def source(self) -> str:
-        return self.name or f"random-init {self.config_overrides['model_type']}"
-
-    def source_config(self) -> Any:
-        """The source model's config, without loading weights."""
-        if self.name is None:
-            return AutoConfig.for_model(**self.config_overrides)
-        config = load_config(self.name)
-        for key, value in (self.config_overrides or {}).items():
-            setattr(config, key, value)
-        return config
-
-    def load_source(self) -> PreTrainedModel:
-        return load_model(self.name, self.config_overrides, self.dtype_name, self.attn)
-
-    # -- model ------------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        resume = read_checkpoint_meta(self.resume_checkpoint) if self.resume_checkpoint else None
-        if resume is not None:
-            # The architecture comes from the checkpoint (already chopped); its weights are loaded by Lightning next.
-            cfg = AutoConfig.for_model(**resume["config"])
-            self.model = from_config(cfg, dtype=DTYPES[self.dtype_name], attn_implementation=self.attn)
-            self.plan = ChopPlan(**resume["plan"]) if resume.get("plan") else None
-        else:
-            self.model = self.load_source()
-            spec = self.chop_spec
-            if spec is not None:
-                calib = None
-                if spec.strategy == "block_influence":
-                    calib = self.trainer.datamodule.calibration_batches(spec.calibration_batches)
-                self.plan = chop(self.model, spec, calib)
-                log.info("chop plan: kept %s; parameters %d -> %d", self.plan.kept, self.plan.params_before, self.plan.params_after)
-            if self.pruning is not None:
-                batches = self.trainer.datamodule.calibration_batches(
-                    -(-self.pruning.calibration_samples // self.trainer.datamodule.hparams.batch_size))
-                self.surgeon_report = surgeon_prune(self.model, self.pruning, batches)
-        self.model.config.use_cache = False
-        self.model_size = ModelSize.of(self.model)
-        self.model.train()  # from_pretrained leaves it in eval mode
-        if self.gradient_checkpointing:
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                self.model.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # The body (all but the LM head) runs compiled; kept outside the module tree so state_dict keys stay the HF ones.
-        body = self.model.base_model
-        self.__dict__["_body"] = torch.compile(body) if self.compile_forward else body
-        self.__dict__["_head"] = output_head(self.model)
-        self._prepare_for_strategy()
-
-    def _prepare_for_strategy(self) -> None:
-        """Note which parameters are matrices (weight decay) before a strategy flattens them; under FSDP, keep the
-        original parameters visible (``use_orig_params``), so that the optimizer and its checkpointed state are keyed
-        by parameter and the decay groups hold."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        self._matrices = {name for name, p in self.named_parameters() if p.ndim >= 2}
-        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            self.trainer.strategy.kwargs.setdefault("use_orig_params", True)
-
-    def setup(self, stage: str) -> None:
-        self.check_data(self.trainer.datamodule)
-
-    def check_data(self, datamodule: Any) -> None:
-        """Refuse, before any weights load, training blocks longer than the model's positions."""
-        seq = getattr(datamodule, "hparams", {}).get("seq_len")
-        limit = getattr(self.source_config().get_text_config(), "max_position_embeddings", None)
-        if seq and limit and seq > limit:
-            raise ValueError(f"data.seq_len: {seq} is longer than the model's max_position_embeddings ({limit}, "
-                             f"{self.source}); lower data.seq_len to at most {limit}")
-
-    # -- steps ------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
-
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The final hidden states (after the last norm), which the LM head turns into logits."""
-        return self._body(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def logit_losses(self, hidden: torch.Tensor, targets: torch.Tensor, loss: LogitLoss = LogitLoss(),
                      teacher_hidden: Optional[torch.Tensor] = None,
@@ -210,195 +53,29 @@ class ContinuedPretraining(L.LightningModule):
         ids = batch["input_ids"]
         losses = self.training_loss(ids[:, :-1], ids[:, 1:])
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True)
-        self._count_compute()
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
         loss = self.logit_losses(self.hidden_states(ids[:, :-1]), ids[:, 1:])["lm"]
-        self.val_loss.update(loss, weight=ids[:, 1:].numel())
+        self.val_nll.update(loss.float() * ids[:, 1:].numel())
+        self.val_tokens.update(ids[:, 1:].numel())
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
+        nll, tokens = float(self.val_nll.compute()), int(self.val_tokens.compute())
+        self.val_nll.reset()
+        self.val_tokens.reset()
+        loss, ppl = nll / tokens, token_perplexity(nll, tokens)
         if self.trainer.sanity_checking:
             # Lightning drops logs of the sanity check; a sanity pass over the whole validation set is the step-0 baseline.
             full = sum(self.trainer.num_sanity_val_batches) == sum(self.trainer.num_val_batches)
             if full and self.global_step == 0 and self.trainer.is_global_zero:
                 for logger in self.loggers:
-                    logger.log_metrics({"val/loss": loss.item(), "val/ppl": math.exp(loss.item())}, step=0)
+                    logger.log_metrics({"val/loss": loss, "val/ppl": ppl}, step=0)
             return
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)  # already summed over ranks
+        self.log("val/ppl", ppl, sync_dist=False)
 
-    # -- compute accounting -----------------------------------------------------------------------------------
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at ``seq_len``: the trained model's forward and backward (6N + 12 L d s)."""
         return self.model_size.train_flops(seq_len)
-
-    @property
-    def flops_per_batch(self) -> Optional[float]:
-        """Read by ThroughputMonitor for MFU: FLOPs of one training batch on one device."""
-        return getattr(self, "_flops_per_batch", None)
-
-    def on_train_start(self) -> None:
-        self._clock = time.perf_counter()
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._training_rng is not None:
-            set_rng_states(self._training_rng)
-        ids = batch["input_ids"][:, :-1]
-        if getattr(self, "_batch_shape", None) != ids.shape:
-            self._batch_shape = ids.shape
-            self._flops_per_batch = self.flops_per_token(ids.shape[1]) * ids.numel()
-
-    def _count_compute(self) -> None:
-        """Cumulative tokens, training FLOPs and device-hours (wall time x devices), over all ranks and resumes; and
-        the random state the next step starts from (checkpoints save it). Every training step ends with it."""
-        self._training_rng = rng_state()
-        world, now = self.trainer.world_size, time.perf_counter()
-        self.tokens_seen += self._batch_shape.numel() * world
-        self.flops_seen += self._flops_per_batch * world
-        self.device_seconds += (now - self._clock) * world
-        self._clock = now
-        self.log_dict({"train/tokens_seen": float(self.tokens_seen), "train/flops": self.flops_seen,
-                       "train/gpu_hours": self.device_seconds / 3600})
-
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
-                                    gradient_clip_algorithm: Optional[str] = None) -> None:
-        # Lightning refuses to clip for a fused AdamW under any AMP plugin; only fp16 (a GradScaler) needs that.
-        # Under FSDP the norm must be taken over all shards: the root FSDP module's clip_grad_norm_ does that.
-        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None \
-                and gradient_clip_algorithm in (None, "norm"):
-            root = self.trainer.model
-            if hasattr(root, "clip_grad_norm_"):
-                root.clip_grad_norm_(gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
-        else:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        """Skip an update whose gradients are not finite on any rank; stop after ``max_nonfinite_steps`` in a row."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        if not self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
-            self._nonfinite_steps = 0
-            return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None  # the optimizer skips parameters without a gradient: no update this step
-        self._nonfinite_steps += 1
-        log.warning("step %d: loss or gradients not finite; update skipped (%d in a row)", self.global_step,
-                    self._nonfinite_steps)
-        if self._nonfinite_steps >= self.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"training stopped at step {self.global_step}: the loss or gradients were not finite for "
-                f"{self._nonfinite_steps} steps in a row (model.max_nonfinite_steps). The weights were not updated by "
-                f"those steps, so the last checkpoint holds the last good ones. Usually model.optim.lr is too high "
-                f"(it is {self.optim_cfg.lr}): lower it, or resume from an earlier checkpoint with --ckpt_path")
-
-    def configure_optimizers(self) -> dict:
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        budgets = [cb.max_steps(self.trainer, self) for cb in self.trainer.callbacks if isinstance(cb, ComputeBudget)]
-        if budgets and min(budgets) < total:
-            total = self.trainer.fit_loop.epoch_loop.max_steps = min(budgets)
-            log.info("compute budget: training stops after %d steps", total)
-        if not math.isfinite(total):
-            raise ValueError("trainer.max_steps: set it (or a ComputeBudget callback); the learning-rate schedule "
-                             "and an endless stream need a length")
-        # Every trainable parameter (a frozen teacher has none); decay on the matrices noted before any sharding.
-        return optim.build(self, self.optim_cfg, int(total), getattr(self, "_matrices", None))
-
-    # -- checkpoints and export -------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CKPT_KEY] = {
-            "source": self.source,
-            "tokenizer": self.tokenizer_name,
-            "config": self.model.config.to_dict(),
-            "plan": self.plan.to_dict() if self.plan else None,
-            "tokens_seen": self.tokens_seen,
-            "flops_seen": self.flops_seen,
-            "device_seconds": self.device_seconds,
-            "settings": self.settings(),
-            "rng": rng_states_of_every_rank(self._training_rng),  # per rank, as the next step will start
-        }
-
-    def settings(self) -> dict:
-        """What makes this run's model, as plain data: a resume must agree on all of it (``check_resume``)."""
-        return {"model.config": self.config_overrides,
-                "model.chop": dataclasses.asdict(self.chop_spec) if self.chop_spec else None,
-                "model.pruning": dataclasses.asdict(self.pruning) if self.pruning else None}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get(CKPT_KEY, {})
-        if "config" in meta and self.model is not None:
-            differ = config_differences(meta["config"], self.model.config.to_dict())
-            if differ:
-                raise ValueError(f"--ckpt_path: the checkpoint's model differs from this run's in {differ}; resume "
-                                 f"through `chop fit --ckpt_path` (it builds the model from the checkpoint), or set "
-                                 f"model.resume_checkpoint before fit")
-        self.tokens_seen, self.flops_seen = meta.get("tokens_seen", 0), meta.get("flops_seen", 0.0)
-        self.device_seconds = meta.get("device_seconds", 0.0)
-        states = meta.get("rng") or []
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        if len(states) == (self.trainer.world_size if self._trainer is not None else 1):
-            self._training_rng = states[rank]
-        elif states:
-            log.warning("checkpoint has random states of %d ranks, this run has %d: dropout differs from an "
-                        "uninterrupted run", len(states), self.trainer.world_size)
-
-    def on_fit_start(self) -> None:
-        out = self.output_dir()
-        if out is not None and self.plan is not None and self.trainer.is_global_zero:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "chop_plan.json").write_text(json.dumps({"source": self.source, **self.plan.to_dict()}, indent=2))
-        if self.plan is not None and self.logger is not None:
-            self.logger.log_hyperparams({"chop/kept_layers": str(self.plan.kept), "chop/params_after": self.plan.params_after})
-
-    def on_fit_end(self) -> None:
-        out = self.output_dir()
-        if not self.export_on_end or out is None:
-            return
-        state = self.trainer.strategy.lightning_module_state_dict()  # on every rank: FSDP gathers the shards
-        if self.trainer.is_global_zero:
-            weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-            target = out / "hf"
-            if target.exists() and any(target.iterdir()):  # a resumed run: keep the earlier export too
-                target = out / f"hf-step={self.global_step}"
-            export_hf(self.model, self.tokenizer_name, target, weights)
-            self.export_extras(target, state)
-
-    def export_extras(self, target: Path, state: dict[str, torch.Tensor]) -> None:
-        """What a subclass trains beside the model (``state``: the whole gathered state dict), written into the
-        export ``target`` beside the Hugging Face files."""
-
-    def output_dir(self) -> Optional[Path]:
-        cb = self.trainer.checkpoint_callback
-        return Path(cb.dirpath) if cb is not None and cb.dirpath else None
-
-
-def rng_state() -> dict:
-    """This process's python, numpy, torch and CUDA random states, as plain data (``weights_only`` loads it)."""
-    from lightning.fabric.utilities.seed import _collect_rng_states
-
-    state = _collect_rng_states()
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    return {**state, "numpy": (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)}
-
-
-def rng_states_of_every_rank(mine: Optional[dict] = None) -> list[dict]:
-    """``mine`` (default: the current random state) of every rank, in rank order (all ranks must call this)."""
-    mine = mine or rng_state()
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [mine]
-    every: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, mine)
-    return every
-
-
-def set_rng_states(state: dict) -> None:
-    from lightning.fabric.utilities.seed import _set_rng_states
-
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    _set_rng_states({**state, "numpy": (kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss)})

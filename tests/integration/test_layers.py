@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import FIX, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / "tests" / "fixtures"
 # Each layer, and the packages it must not load: those above it, and Lightning.
 LAYERS = {
-    "chop.models.loading, chop.models.registry, chop.models.widths, chop.models.checkpoint":
+    "chop.models.loading, chop.models.registry, chop.models.widths, chop.models.checkpoint, chop.models.perplexity":
         ("chop.data", "chop.pruning", "chop.eval", "chop.training", "lightning"),
     "chop.data.text": ("chop.pruning", "chop.eval", "chop.training", "lightning"),
-    "chop.pruning.surgeon, chop.pruning.layerchop, chop.pruning.prune_cli": ("chop.eval", "chop.training", "lightning"),
+    "chop.pruning.registry, chop.pruning.student, chop.pruning.layerchop, chop.pruning.prune_cli":
+        ("chop.eval", "chop.training", "lightning"),
     "chop.eval.engine, chop.eval.suite, chop.eval.eval_cli": ("chop.pruning", "chop.training", "lightning"),
 }
 
@@ -36,6 +36,14 @@ def imports_of(path: Path) -> set:
     return names
 
 
+def loaded_after(code: str) -> set:
+    """The top-level chop subpackages and third-party packages a fresh interpreter holds after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return set(done.stdout.split())
+
+
 @pytest.mark.parametrize("package", list(MAY_IMPORT))
 def test_no_file_of_a_layer_imports_a_layer_above_it_or_lightning(package):
     wrong = {}
@@ -47,14 +55,6 @@ def test_no_file_of_a_layer_imports_a_layer_above_it_or_lightning(package):
     assert not wrong, f"chop/{package}: {wrong}"
 
 
-def loaded_after(code: str) -> set:
-    """The top-level chop subpackages and third-party packages a fresh interpreter holds after running ``code``."""
-    probe = f"{code}\nimport sys\nprint(' '.join(sys.modules))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return set(done.stdout.split())
-
-
 @pytest.mark.parametrize("modules", list(LAYERS))
 def test_a_layer_imports_nothing_above_it(modules):
     loaded = loaded_after(f"import {modules}")
@@ -63,14 +63,14 @@ def test_a_layer_imports_nothing_above_it(modules):
 
 
 def test_chop_eval_and_chop_prune_run_without_lightning(tmp_path):
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     model = tiny_llama(tmp_path / "tiny")
     code = (f"from chop.cli import main\n"
             f"main(['eval', '--model', '{model}', '--tasks', 'c4,copa', '--data_dir', '{FIX / 'eval'}', '--limit', '3'])\n"
-            f"main(['prune', '--model', '{model}', '--out', '{tmp_path / 'pruned'}', '--surgeon.mode', 'structured', "
-            f"'--surgeon.sparsity', '0.2', '--surgeon.calibration_samples', '2', '--surgeon.seq_len', '16', "
+            f"main(['prune', '--model', '{model}', '--out', '{tmp_path / 'pruned'}', '--pruning.mode', 'structured', "
+            f"'--pruning.sparsity', '0.2', '--pruning.calibration_samples', '2', '--pruning.seq_len', '16', "
             f"'--calibration.files', '[{FIX / 'train.jsonl'}]', '--held_out_blocks', '0'])")
     loaded = loaded_after(code)
-    assert (tmp_path / "pruned" / "surgeon.json").exists()
+    assert (tmp_path / "pruned" / "pruning.json").exists()
     assert "lightning" not in loaded and "chop.training" not in loaded

@@ -2,23 +2,20 @@
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TINY
+from helpers import FIX, ROOT, TINY
 
-from chop.training.cli import cli_main
 from chop.data.classification import few_shot
-from chop.training.classification_data import ClassificationDataModule
 from chop.models.loading import load_model, load_tokenizer
-from chop.training.classify import PromptClassification, verbalizer_scores
 from chop.models.registry import output_head
+from chop.training.classification_data import ClassificationDataModule
+from chop.training.classify import PromptClassification, verbalizer_scores
+from chop.training.cli import cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / "tests" / "fixtures"
 CONFIG = ROOT / "configs" / "tiny_cpu_classify.yaml"
 
 
@@ -31,6 +28,12 @@ def config(tmp_path, **model_args):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
+
+
+def datamodule(**kwargs):
+    args = dict(tokenizer=str(FIX / "tokenizer"), train_files=[str(FIX / "classify" / "train.jsonl")],
+                template="{text} it was", verbalizer={"negative": " a", "positive": " good"})
+    return ClassificationDataModule(**{**args, **kwargs})
 
 
 @pytest.mark.parametrize("words", [[[5], [9], [30]], [[5, 7], [9], [30, 31, 2]]], ids=["one-token", "multi-token"])
@@ -83,12 +86,6 @@ def test_few_shot_sampling_is_balanced_and_reproducible():
     assert Counter(labels[i] for i in a) == {0: 8, 1: 8, 2: 8}
     with pytest.raises(ValueError, match="class 2 has only 1"):
         few_shot([0, 0, 1, 1, 2], 2, seed=0)
-
-
-def datamodule(**kwargs):
-    args = dict(tokenizer=str(FIX / "tokenizer"), train_files=[str(FIX / "classify" / "train.jsonl")],
-                template="{text} it was", verbalizer={"negative": " a", "positive": " good"})
-    return ClassificationDataModule(**{**args, **kwargs})
 
 
 def test_few_shot_data_and_a_held_out_split_by_seed():
@@ -149,3 +146,21 @@ def test_unknown_labels_and_words_are_refused_before_training(verbalizer, messag
 def test_an_unknown_head_is_refused():
     with pytest.raises(ValueError, match="model.head"):
         PromptClassification(config=TINY["llama"], head="mlp")
+
+
+@pytest.mark.parametrize("model_args, message", [
+    (dict(pruning={"method": "obd"}), "model.pruning: obd needs calibration text, which ClassificationDataModule"),
+    (dict(chop={"strategy": "block_influence", "n_keep": 2}), "model.chop.strategy: block_influence needs calibration"),
+])
+def test_pruning_that_needs_calibration_text_is_refused_before_the_model_loads(tmp_path, monkeypatch, model_args, message):
+    """Classification data has no calibration stream: a data-driven pruner or chop is refused as the run starts."""
+    monkeypatch.setattr(PromptClassification, "load_source", lambda self: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=message):
+        cli_main(["fit", "--config", config(tmp_path, **model_args)])
+
+
+def test_magnitude_pruning_needs_no_calibration_and_trains_the_smaller_classifier(tmp_path):
+    cli = cli_main(["fit", "--config", config(tmp_path, pruning={"method": "magnitude", "sparsity": 0.3, "align": 4}),
+                    "--trainer.max_epochs=1"])
+    report = cli.model.pruning_report
+    assert report.method == "magnitude" and report.params_after < report.params_before

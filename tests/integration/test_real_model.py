@@ -1,31 +1,19 @@
 """SmolLM2-135M-Instruct, the real model from chop's offline copy: chop 30 -> 15, reload, generate, train."""
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
+from helpers import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chop.training.cli import cli_main
 from chop.models.loading import load_model, resolve
 from chop.pruning.layerchop import LayerChop, chop
+from chop.training.cli import cli_main
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+
+
 NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("HF_HUB_OFFLINE")
-    else:
-        os.environ["HF_HUB_OFFLINE"] = old
 
 
 def test_smollm2_chopped_reloads_and_generates(tmp_path):
@@ -73,7 +61,7 @@ def test_smollm2_teaches_its_own_chop(tmp_path):
                     "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=16", "--trainer.limit_val_batches=2",
                     "--trainer.num_sanity_val_steps=0", "--data.seq_len=64", "--data.val_blocks=8",
                     "--model.optim.warmup_steps=2", "--model.export_on_end=false"])
-    from conftest import scalars
+    from helpers import scalars
 
     tb = scalars(tmp_path / "quickstart_distill")
     for key in ("train/loss", "train/lm", "train/logits", "train/hidden"):

@@ -1,9 +1,5 @@
 """Several processes: FSDP (teacher and student sharded, exact resume, zero-shot scoring on the sharded model), DDP
-(each document once), LLM Surgeon over ranks (the single-process result), and the 8-GPU recipes shrunk to two.
-
-Each test runs where it is marked: ``cpu`` as two gloo processes (CI, ``-m slow``), ``gpu`` on two CUDA devices
-(``pytest -m gpu`` on a machine with two GPUs; CI has none and leaves those out).
-"""
+(each document once), pruning over ranks (the single-process result), and the 8-GPU recipes shrunk to two."""
 
 import json
 import subprocess
@@ -12,13 +8,28 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_llama, write_corpus
-from test_training import DROPOUT, FIX, ROOT, TINY, TINY_DISTILL, args, run_cli
+from helpers import (
+    DROPOUT,
+    FIX,
+    ROOT,
+    TINY_CPU,
+    TINY_DISTILL,
+    args,
+    run_cli,
+    tiny_llama,
+    write_corpus,
+)
 from transformers import AutoModelForCausalLM
 
 WORLD = 2
+
+
 TWO_GPUS = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 GPUs")]
+
+
 PLACES = {"cpu": [pytest.mark.slow], "gpu": TWO_GPUS}
+
+
 LLAMA_LAYER = "transformers.models.llama.modeling_llama.LlamaDecoderLayer"
 
 
@@ -43,6 +54,40 @@ def teacher_params(config):
     from chop.models.loading import load_model
 
     return sum(p.numel() for p in load_model(config=yaml.safe_load(open(config))["model"]["init_args"]["config"]).parameters())
+
+
+def prune_cli(place, world, *argv):
+    """``chop prune`` in one process, or under torchrun in ``world``."""
+    launch = [sys.executable, "-m", "chop"]
+    if world > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "chop"]
+    device = [] if place == "gpu" else ["--device", "cpu"]
+    proc = subprocess.run([*launch, "prune", *argv, *device], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def shrunk_recipe(tmp_path, recipe, model_dir):
+    """An 8-GPU Just CHOP recipe as written (strategy, precision, accumulation, clipping, activation checkpointing,
+    losses), on 2 GPUs: the model a random-init Llama of 8 layers (keeping half, as the recipe keeps 16 of 32), the
+    data local C4-like files, a few steps."""
+    cfg = yaml.safe_load(open(ROOT / "recipes" / "just_chop" / f"{recipe}.yaml"))
+    model = cfg["model"]["init_args"]
+    model["name"] = str(model_dir)
+    model["chop"]["n_keep"] = 4
+    data = cfg["data"]["init_args"]
+    for key in ("path", "config_name", "val_split"):
+        data.pop(key, None)
+    data.update(train_files=[str(write_corpus(tmp_path / "c4-train.jsonl", 400))],
+                val_files=[str(write_corpus(tmp_path / "c4-val.jsonl", 40, start=500))],
+                seq_len=32, batch_size=4, num_workers=2, shuffle_buffer=50, val_blocks=8)
+    trainer = cfg["trainer"]
+    trainer.update(devices=WORLD, val_check_interval=2, limit_val_batches=2, log_every_n_steps=1,
+                   enable_progress_bar=False)
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    trainer["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+    path = tmp_path / f"{recipe}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, trainer["logger"]["init_args"]["name"]
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-head"])
@@ -96,10 +141,10 @@ def test_fsdp_distillation_resumes_exactly(tmp_path, place):
 
 @places("gpu")
 def test_fsdp_continued_pretraining_trains_and_exports(tmp_path, place):
-    run_cli(*args(tmp_path, "--trainer.max_steps=8", config=TINY, trainer=fsdp(place)))
+    run_cli(*args(tmp_path, "--trainer.max_steps=8", config=TINY_CPU, trainer=fsdp(place)))
     run = tmp_path / "tiny_cpu" / "checkpoints"
     ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 8 and ckpt["chop"]["tokens_seen"] == 8 * WORLD * 4 * 16  # every rank's batch
+    assert ckpt["global_step"] == 8 and ckpt["callbacks"]["ComputeAccounting"]["tokens"] == 8 * WORLD * 4 * 16  # every rank's batch
     assert AutoModelForCausalLM.from_pretrained(run / "hf").config.num_hidden_layers == 4
 
 
@@ -108,7 +153,7 @@ def test_zero_shot_callback_on_the_sharded_model_gives_the_unsharded_numbers(tmp
     # float32 and one row a batch: the sharded model's forward is then the unsharded one's, bit for bit.
     tasks = "piqa,copa,lambada_openai"
     cb = ("chop.ZeroShotEvalCallback", {"tasks": tasks, "data_dir": str(FIX / "eval"), "batch_size": 1})
-    run_cli(*args(tmp_path, "--trainer.max_steps=4", "--model.export_on_end=false", callbacks=[cb], config=TINY,
+    run_cli(*args(tmp_path, "--trainer.max_steps=4", "--model.export_on_end=false", callbacks=[cb], config=TINY_CPU,
                   trainer=fsdp(place, precision="32-true")))
     run = tmp_path / "tiny_cpu" / "checkpoints"
     sharded = json.loads((run / "eval-step=4.json").read_text())
@@ -163,59 +208,25 @@ def test_ddp_on_two_gpus_reads_each_document_once_from_its_own_files(tmp_path, p
     assert sorted(seen) == list(range(128))  # 2 ranks x 16 steps x 4 blocks: the epoch, each document once
 
 
-def prune_cli(place, world, *argv):
-    """``chop prune`` in one process, or under torchrun in ``world``."""
-    launch = [sys.executable, "-m", "chop"]
-    if world > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "chop"]
-    device = [] if place == "gpu" else ["--device", "cpu"]
-    proc = subprocess.run([*launch, "prune", *argv, *device], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
 @places("cpu", "gpu")
 def test_surgeon_on_two_ranks_prunes_as_one_process_does(tmp_path, place):
     # Each rank gathers curvature on half the calibration batches; the sums over ranks are the one process's.
     from safetensors.torch import load_file
 
     src = tiny_llama(tmp_path / "src")
-    common = ["--model", str(src), "--surgeon.mode", "structured", "--surgeon.sparsity", "0.3", "--surgeon.shots", "2",
-              "--surgeon.calibration_samples", "8", "--surgeon.seq_len", "16", "--surgeon.batch_size", "2",
+    common = ["--model", str(src), "--pruning.mode", "structured", "--pruning.sparsity", "0.3", "--pruning.shots", "2",
+              "--pruning.calibration_samples", "8", "--pruning.seq_len", "16", "--pruning.batch_size", "2",
               "--calibration.files", f"[{FIX / 'train.jsonl'}]", "--held_out.files", f"[{FIX / 'val.jsonl'}]",
               "--held_out_blocks", "4"]
     prune_cli(place, 1, *common, "--out", str(tmp_path / "one"))
     prune_cli(place, WORLD, *common, "--out", str(tmp_path / "two"))
-    one, two = (json.loads((tmp_path / d / "surgeon.json").read_text()) for d in ("one", "two"))
+    one, two = (json.loads((tmp_path / d / "pruning.json").read_text()) for d in ("one", "two"))
     assert one["kept"] == two["kept"] and one["params_after"] == two["params_after"] < one["params_before"]
     assert two["shots"][-1]["ppl"] == pytest.approx(one["shots"][-1]["ppl"], rel=1e-5)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
-
-
-def shrunk_recipe(tmp_path, recipe, model_dir):
-    """An 8-GPU Just CHOP recipe as written (strategy, precision, accumulation, clipping, activation checkpointing,
-    losses), on 2 GPUs: the model a random-init Llama of 8 layers (keeping half, as the recipe keeps 16 of 32), the
-    data local C4-like files, a few steps."""
-    cfg = yaml.safe_load(open(ROOT / "recipes" / "just_chop" / f"{recipe}.yaml"))
-    model = cfg["model"]["init_args"]
-    model["name"] = str(model_dir)
-    model["chop"]["n_keep"] = 4
-    data = cfg["data"]["init_args"]
-    for key in ("path", "config_name", "val_split"):
-        data.pop(key, None)
-    data.update(train_files=[str(write_corpus(tmp_path / "c4-train.jsonl", 400))],
-                val_files=[str(write_corpus(tmp_path / "c4-val.jsonl", 40, start=500))],
-                seq_len=32, batch_size=4, num_workers=2, shuffle_buffer=50, val_blocks=8)
-    trainer = cfg["trainer"]
-    trainer.update(devices=WORLD, val_check_interval=2, limit_val_batches=2, log_every_n_steps=1,
-                   enable_progress_bar=False)
-    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    trainer["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
-    path = tmp_path / f"{recipe}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, trainer["logger"]["init_args"]["name"]
 
 
 @pytest.mark.parametrize("recipe", ["llama2_7b_layerchop_input", "llama2_7b_layerchop_input_distill"])
@@ -227,10 +238,10 @@ def test_just_chop_recipe_runs_on_two_gpus_and_resumes(tmp_path, recipe, place):
     first = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
     assert first["global_step"] == 4 and first["chop"]["plan"]["kept"] == [0, 5, 6, 7]
     # 4 optimizer steps x 2 micro-batches (accumulate_grad_batches) x 2 GPUs x 4 sequences x 32 tokens
-    assert first["chop"]["tokens_seen"] == 4 * 2 * WORLD * 4 * 32
+    assert first["callbacks"]["ComputeAccounting"]["tokens"] == 4 * 2 * WORLD * 4 * 32
     run_cli("fit", "--config", str(config), "--trainer.max_steps=6", "--ckpt_path=last")
     resumed = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
-    assert resumed["global_step"] == 6 and resumed["chop"]["tokens_seen"] == 6 * 2 * WORLD * 4 * 32
+    assert resumed["global_step"] == 6 and resumed["callbacks"]["ComputeAccounting"]["tokens"] == 6 * 2 * WORLD * 4 * 32
     assert AutoModelForCausalLM.from_pretrained(run / "hf").config.num_hidden_layers == 4
 
 
@@ -239,13 +250,15 @@ def test_llm_surgeon_7b_recipe_runs_on_two_gpus(tmp_path, place):
     cfg = yaml.safe_load(open(ROOT / "recipes" / "llm_surgeon" / "llama2_7b_structured_30.yaml"))
     cfg.update(model=str(tiny_llama(tmp_path / "llama", layers=8)), out=str(tmp_path / "pruned"), held_out_blocks=4,
                calibration={"files": [str(FIX / "train.jsonl")]}, held_out={"files": [str(FIX / "val.jsonl")]})
-    cfg["surgeon"].update(calibration_samples=8, seq_len=16)
+    cfg["pruning"].update(calibration_samples=8, seq_len=16)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(cfg))
     prune_cli(place, WORLD, "--config", str(tmp_path / "recipe.yaml"))
-    report = json.loads((tmp_path / "pruned" / "surgeon.json").read_text())
-    assert len(report["shots"]) == cfg["surgeon"]["shots"]
+    report = json.loads((tmp_path / "pruned" / "pruning.json").read_text())
+    assert len(report["shots"]) == cfg["pruning"]["shots"]
     assert 1 - report["params_after"] / report["params_before"] == pytest.approx(0.3, abs=0.03)
-    from chop.models.loading import load_model  # per-layer widths: chop's loader reads them
+    from chop.models.loading import (
+        load_model,  # per-layer widths: chop's loader reads them
+    )
 
     pruned = load_model(str(tmp_path / "pruned"))
     assert sum(p.numel() for n, p in pruned.named_parameters() if "_proj" in n) == report["params_after"]

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from helpers import write_corpus
 
 from chop.data.streaming import PackedStream
-from chop.training.pretraining_data import StreamingDataModule
 from chop.data.text import Source
 from chop.models.loading import load_tokenizer
-from conftest import write_corpus
+from chop.training.pretraining_data import StreamingDataModule
 
 
 def doc_ids(blocks, tok):

@@ -6,12 +6,11 @@ import os
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY
+from helpers import EVAL_FIX, TINY
 
 from chop.eval.suite import evaluate
 from chop.models.loading import load_model, load_tokenizer
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 TASKS = "piqa,winogrande,mmlu,lambada_openai"
 
 
@@ -28,7 +27,7 @@ def _worker(rank, world, port, out):
     real = engine.Scorer._score_batch
     engine.Scorer._score_batch = lambda self, batch: (scored.append(len(batch)), real(self, batch))[1]
     tokenizer = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
-    results = evaluate(_model(tokenizer), tokenizer, TASKS, data_dir=FIX, batch_size=4)
+    results = evaluate(_model(tokenizer), tokenizer, TASKS, data_dir=EVAL_FIX, batch_size=4)
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump({"rows": sum(scored), "samples": {k: r.samples for k, r in results.items()},
                    "metrics": {k: r.metrics for k, r in results.items()}}, f)
@@ -44,7 +43,7 @@ def test_two_ranks_split_the_requests_and_agree_with_one(tmp_path):
     mp.spawn(_worker, args=(2, port, str(tmp_path / "r")), nprocs=2)
     ranks = [json.loads((tmp_path / f"r.rank{r}").read_text()) for r in (0, 1)]
     tokenizer = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
-    single = evaluate(_model(tokenizer), tokenizer, TASKS, data_dir=FIX, batch_size=4)
+    single = evaluate(_model(tokenizer), tokenizer, TASKS, data_dir=EVAL_FIX, batch_size=4)
     for rank in ranks:
         assert rank["metrics"] == {k: r.metrics for k, r in single.items()}
         for name, r in single.items():

@@ -1,16 +1,13 @@
 """Every recipe and config parses; the hub recipe runs with its hub loading pointed at local copies."""
 
-from pathlib import Path
-
 import datasets
 import pytest
 import yaml
+from helpers import ROOT, TINY, make_tokenizer, tiny_llama, write_corpus
 
-from chop.training.cli import cli_main
 from chop.models import loading
-from conftest import TINY, make_tokenizer, tiny_llama, write_corpus
+from chop.training.cli import cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("recipes/**/*.yaml"), *ROOT.glob("configs/*.yaml")])
 
 
@@ -18,12 +15,13 @@ YAMLS = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("recipes/**/*.yaml"
 def test_config_parses(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = yaml.safe_load(open(path))
-    if "surgeon" in cfg:  # a `python -m chop prune` config
+    if "pruning" in cfg:  # a `python -m chop prune` config
         from chop.pruning.prune_cli import parse
-        from chop.pruning.surgeon import Surgeon
+        from chop.pruning.registry import pruner_class
 
         args = parse(["--config", path])
-        assert isinstance(args["surgeon"], Surgeon) and args["surgeon"].sparsity == cfg["surgeon"]["sparsity"]
+        assert isinstance(args["pruning"], pruner_class(cfg["pruning"].get("method", "surgeon")))
+        assert args["pruning"].sparsity == cfg["pruning"]["sparsity"]
         return
     assert cfg["model"]["class_path"].startswith("chop.")
     with pytest.raises(SystemExit) as done:

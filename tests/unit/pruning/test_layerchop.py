@@ -2,12 +2,18 @@
 
 import pytest
 import torch
+from helpers import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from chop.models.loading import load_model
 from chop.models.registry import ARCHITECTURES
 from chop.pruning.layerchop import LayerChop, apply_chop, block_influence, chop
-from conftest import TINY
+
+
+def _identity_layer(layer):
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
 
 
 @pytest.mark.parametrize("strategy,expected", [
@@ -84,12 +90,6 @@ def test_unsupported_architecture_names_the_registry():
     model = load_model(config=dict(model_type="codegen", vocab_size=64, n_embd=16, n_layer=4, n_head=2, rotary_dim=4))
     with pytest.raises(NotImplementedError, match="no registry entry for model_type 'codegen'.*ARCHITECTURES"):
         chop(model, LayerChop("input", n_remove=1))
-
-
-def _identity_layer(layer):
-    with torch.no_grad():
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
 
 
 def test_block_influence_matches_hand_computation_and_removes_identity_layers():

@@ -1,53 +1,57 @@
-"""`chop fit` end to end on the CPU: training, TensorBoard, checkpoints, exact resume, export, and bad input."""
+"""`chop fit` end to end on the CPU: training, TensorBoard, checkpoints, exact resume, export, pruning before training,
+and bad input."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import scalars
+from helpers import (
+    DROPOUT,
+    TINY_CPU,
+    TINY_DISTILL,
+    args,
+    run_cli,
+    scalars,
+    steps,
+)
 from transformers import AutoModelForCausalLM
 
 from chop.cli import export
-from chop.training.cli import cli_main
+from chop.models.loading import load_model
+from chop.pruning.structures import linears, prunable_params
 from chop.training.callbacks import AtomicCheckpointIO
+from chop.training.cli import cli_main
 from chop.training.pretrain import ContinuedPretraining
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
-TINY_DISTILL = str(ROOT / "configs" / "tiny_cpu_distill.yaml")
-FIX = ROOT / "tests" / "fixtures"
+
+def test_fit_with_surgeon_pruning_trains_the_smaller_model_exports_and_resumes(tmp_path):
+    from helpers import args
+
+    from chop.training.cli import cli_main
+
+    pruning = '--model.pruning={"mode": "structured", "sparsity": 0.3, "shots": 2, "calibration_samples": 8}'
+    first = cli_main(args(tmp_path, pruning, trainer={"max_steps": 4}))
+    model = first.model.model
+    report = first.model.pruning_report
+    assert report.params_after == prunable_params(linears(model)) < report.params_before
+    assert model.config.num_hidden_layers == 4  # chopped first (6 -> 4), then pruned
+    hf = next(tmp_path.glob("**/checkpoints/hf"))
+    ids = torch.randint(2, 1100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(load_model(str(hf)).eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    resumed = cli_main(args(tmp_path, pruning, "--ckpt_path", "last", trainer={"max_steps": 8}))
+    assert resumed.trainer.global_step == 8
+    assert prunable_params(linears(resumed.model.model)) == report.params_after  # the checkpoint's shapes
 
 
-def args(tmp_path, *extra, callbacks=(), config=TINY, trainer=None):
-    """``fit`` on ``config`` (tiny_cpu.yaml) writing under ``tmp_path``, with extra callbacks (class_path, init_args)
-    and ``trainer`` settings."""
-    cfg = yaml.safe_load(open(config))
-    cfg["trainer"].update(trainer or {})
-    cfg["model"]["init_args"]["tokenizer"] = str(FIX / "tokenizer")
-    cfg["data"]["init_args"].update(train_files=[str(FIX / "train.jsonl")], val_files=[str(FIX / "val.jsonl")])
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    cfg["trainer"]["callbacks"][2]["init_args"] = {"window_size": 2, "peak_tflops": 0.001}  # MFU on a CPU too
-    cfg["trainer"]["callbacks"] += [{"class_path": c, "init_args": a} for c, a in callbacks]
-    path = tmp_path / f"config{len(list(tmp_path.glob('config*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return ["fit", "--config", str(path), *extra]
+class _Plants:
+    """Unpickling it creates a file: a stand-in for a checkpoint that runs code when loaded."""
 
+    def __init__(self, marker):
+        self.marker = str(marker)
 
-def run_cli(*argv, check=True):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "chop", *argv], cwd=ROOT, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-4000:])
-    return proc
-
-
-def steps(path):
-    return [json.loads(line) for line in open(f"{path}.rank0")]
+    def __reduce__(self):
+        return open, (self.marker, "w")
 
 
 def test_fit_logs_checkpoints_and_exports(tmp_path):
@@ -77,13 +81,7 @@ def test_fit_logs_checkpoints_and_exports(tmp_path):
         export(str(run / "last.ckpt"), str(out))
 
 
-# The pretraining run has dropout: exact only if every rank's random state comes back with the checkpoint.
-DROPOUT = ('--model.config={"model_type": "llama", "vocab_size": 1100, "hidden_size": 32, "intermediate_size": 64, '
-           '"num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "attention_dropout": 0.3, '
-           '"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}')
-
-
-@pytest.mark.parametrize("config,extra", [(TINY, [DROPOUT]), (TINY_DISTILL, [])], ids=["pretrain-dropout", "distill"])
+@pytest.mark.parametrize("config,extra", [(TINY_CPU, [DROPOUT]), (TINY_DISTILL, [])], ids=["pretrain-dropout", "distill"])
 def test_resume_after_kill_repeats_the_same_steps(tmp_path, config, extra):
     straight, broken = tmp_path / "a", tmp_path / "b"
     straight.mkdir(), broken.mkdir()
@@ -163,16 +161,6 @@ def test_atomic_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch):
     (tmp_path / ".epoch=0-step=8.ckpt.x1y2.tmp").write_bytes(b"a save that was killed (SIGKILL: no cleanup)")
     io.save_checkpoint({"step": 3}, tmp_path / "epoch=0-step=12.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=12.ckpt", "last.ckpt"]
-
-
-class _Plants:
-    """Unpickling it creates a file: a stand-in for a checkpoint that runs code when loaded."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
 
 
 def test_a_checkpoint_that_needs_code_is_refused_by_every_command(tmp_path):

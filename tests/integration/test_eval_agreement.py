@@ -5,8 +5,7 @@ subject, 114 in all) in float32, first 24 in bf16 (about 2,000 and 800 requests:
 documents were, at a third of CI's time); lm-eval 0.4.13 with ``--model hf`` and its own task definitions,
 its dataset loading pointed at the same rows, both at batch size 32. acc/acc_norm must be equal; per-example
 log-likelihoods within 1e-4 in float32, and in bf16 equal bit for bit (lm-eval rounds them to bf16; chop rounds the
-same way and, with lm-eval's batch size, runs the same batches, which CPU kernels need for the same bits).
-"""
+same way and, with lm-eval's batch size, runs the same batches, which CPU kernels need for the same bits)."""
 
 import pytest
 
@@ -15,7 +14,11 @@ from chop.eval.suite import evaluate
 from chop.models.loading import load_model, load_tokenizer, resolve
 
 pytestmark = pytest.mark.slow
+
+
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 OFFLINE = ["piqa", "hellaswag", "openbookqa", "winogrande", "sciq", "arc_easy", "arc_challenge", "boolq", "copa", "rte",
            "lambada_openai"]
 

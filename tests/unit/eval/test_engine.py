@@ -1,0 +1,179 @@
+"""The zero-shot scoring engine (chop/eval/engine.py) on tiny random models and real rows of every task
+(tests/fixtures/eval/<task>/docs.jsonl): batching, tokenisation, rolling windows, shared contexts, bf16 bits."""
+
+import gc
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import EVAL_FIX, TINY
+
+from chop.eval.engine import Scorer, rolling_windows
+from chop.eval.suite import evaluate, requests_of
+from chop.eval.tasks import TASKS, load_docs
+from chop.models.loading import load_model
+
+
+def all_requests():
+    out = []
+    for task in TASKS.values():
+        if task.kind in ("perplexity", "blocks"):
+            continue
+        for doc in load_docs(task, str(EVAL_FIX)):
+            out += requests_of(task, doc)
+    return out
+
+
+def reference(eval_model, scorer, context, continuation):
+    """One request alone, through the model's own forward and full logits."""
+    ctx, cont = scorer.encoder.encode_pair(context, continuation)
+    full = (ctx + cont)[-(scorer.max_len + 1):]
+    with torch.no_grad():
+        logp = F.log_softmax(eval_model(torch.tensor([full[:-1]])).logits[0].float(), -1)
+    pos = torch.arange(len(full) - 1 - len(cont), len(full) - 1)
+    target = torch.tensor(cont)
+    return logp[pos, target].sum().item(), bool((logp[pos].argmax(-1) == target).all())
+
+
+def lm_eval_reference(eval_model, scorer, context, continuation):
+    """One request alone, computed as lm-eval's HF backend computes it: full logits and their log-softmax in the
+    model's dtype, the continuation's log-probabilities summed in that dtype."""
+    ctx, cont = scorer.encoder.encode_pair(context, continuation)
+    full = (ctx + cont)[-(scorer.max_len + 1):]
+    with torch.no_grad():
+        logp = F.log_softmax(eval_model(torch.tensor([full[:-1]])).logits[0], -1)[-len(cont):]
+    target = torch.tensor(cont)
+    return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
+
+def test_batched_scores_equal_one_request_at_a_time(eval_model, eval_tokenizer):
+    requests = all_requests()
+    assert len(requests) > 150
+    scorer = Scorer(eval_model, eval_tokenizer, batch_size=7)
+    batched = scorer.loglikelihood(requests)
+    for (c, x), (ll, greedy) in zip(requests, batched):
+        ref_ll, ref_greedy = reference(eval_model, scorer, c, x)
+        assert ll == pytest.approx(ref_ll, abs=1e-4), (c[-40:], x)
+        assert greedy == ref_greedy
+
+
+def test_scores_do_not_depend_on_batch_size_or_order(eval_model, eval_tokenizer):
+    requests = all_requests()
+    base = Scorer(eval_model, eval_tokenizer, batch_size=1).loglikelihood(requests)
+    for size in (3, 64, "auto"):
+        other = Scorer(eval_model, eval_tokenizer, batch_size=size).loglikelihood(requests)
+        assert [g for _, g in other] == [g for _, g in base]
+        assert max(abs(a[0] - b[0]) for a, b in zip(other, base)) < 1e-4
+    perm = list(range(len(requests)))
+    random.Random(0).shuffle(perm)
+    shuffled = Scorer(eval_model, eval_tokenizer, batch_size=5).loglikelihood([requests[i] for i in perm])
+    for k, i in enumerate(perm):
+        assert shuffled[k][0] == pytest.approx(base[i][0], abs=1e-4)
+
+
+def test_tokenisation_moves_trailing_spaces_and_splits_like_lm_eval(eval_model, eval_tokenizer):
+    scorer = Scorer(eval_model, eval_tokenizer)
+    ctx, cont = scorer.encoder.encode_pair("Question: is it?\nAnswer: ", "yes")
+    assert eval_tokenizer.decode(ctx) == "Question: is it?\nAnswer:" and eval_tokenizer.decode(cont) == " yes"
+    ctx, cont = scorer.encoder.encode_pair("", " hello")
+    assert ctx == [scorer.encoder.prefix_id] and eval_tokenizer.decode(cont) == " hello"
+    whole = eval_tokenizer.encode("The cat sat on the mat")
+    ctx, cont = scorer.encoder.encode_pair("The cat sat", " on the mat")
+    assert ctx + cont == whole
+
+
+def test_rolling_windows_predict_every_token_once_with_the_most_context():
+    tokens = list(range(100, 123))
+    windows = list(rolling_windows(tokens, prefix=1, max_len=8))
+    assert [t for _, cont in windows for t in cont] == tokens
+    assert windows[0] == ([1], tokens[:8])
+    for ctx, cont in windows[1:]:
+        assert len(ctx + cont) == 9 or ctx + cont == [1] + tokens[:len(ctx + cont) - 1]  # a full window of context
+        assert ctx + cont == tokens[tokens.index(ctx[0]):tokens.index(cont[-1]) + 1]
+
+
+def test_rolling_loglikelihood_equals_the_sum_over_tokens(eval_model, eval_tokenizer):
+    scorer = Scorer(eval_model, eval_tokenizer, batch_size=4, max_len=16)
+    text = load_docs(TASKS["wikitext"], str(EVAL_FIX))[0]["page"][:400]
+    ids = scorer.encoder.encode(text)
+    assert len(ids) > 40  # several windows
+    (total,) = scorer.loglikelihood_rolling([text])
+    # Brute force: each token scored with the max_len tokens before it (the prefix token before the first).
+    seq = [scorer.encoder.prefix_id] + ids
+    expected = 0.0
+    windows = list(rolling_windows(ids, scorer.encoder.prefix_id, 16))
+    for ctx, cont in windows:
+        full = (ctx + cont)[-17:]
+        with torch.no_grad():
+            logp = F.log_softmax(eval_model(torch.tensor([full[:-1]])).logits[0].float(), -1)
+        expected += sum(logp[len(full) - 1 - len(cont) + k, t].item() for k, t in enumerate(cont))
+    assert total == pytest.approx(expected, abs=1e-3)
+    assert len(seq) - 1 == sum(len(c) for _, c in windows)
+
+
+def test_scoring_runs_with_the_collector_off_and_restores_it(eval_model, eval_tokenizer, monkeypatch):
+    seen = []
+    real = Scorer.score_tokens
+    monkeypatch.setattr(Scorer, "score_tokens", lambda self, pairs: seen.append(gc.isenabled()) or real(self, pairs))
+    assert gc.isenabled()
+    evaluate(eval_model, eval_tokenizer, "copa", data_dir=str(EVAL_FIX), batch_size=4)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:  # a caller that had it off keeps it off
+        evaluate(eval_model, eval_tokenizer, "copa", data_dir=str(EVAL_FIX), batch_size=4)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_and_the_scores_stay(eval_model, eval_tokenizer, monkeypatch):
+    requests = all_requests()[:60]
+    base = Scorer(eval_model, eval_tokenizer, batch_size=64).loglikelihood(requests)
+    real, sizes = Scorer._score_batch, []
+
+    def small_gpu(self, batch):
+        tokens = sum(self.row_width(*row) for row in batch)
+        if tokens > 120:
+            raise torch.cuda.OutOfMemoryError("pretend")
+        sizes.append(tokens)
+        return real(self, batch)
+
+    monkeypatch.setattr(Scorer, "_score_batch", small_gpu)
+    halved = Scorer(eval_model, eval_tokenizer, batch_size=64).loglikelihood(requests)
+    assert max(sizes) <= 120 and len(sizes) > 3
+    assert max(abs(a[0] - b[0]) for a, b in zip(halved, base)) < 1e-4
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_shared_context_rows_equal_separate_requests_on_every_architecture(arch, eval_tokenizer, monkeypatch):
+    """Choices that share a context are scored in one row (a segment mask); the scores equal each request alone."""
+    torch.manual_seed(0)
+    cfg = dict(TINY[arch], vocab_size=len(eval_tokenizer))
+    cfg["n_positions" if arch == "gpt2" else "max_position_embeddings"] = 512
+    model = load_model(config=cfg).eval()
+    requests = [r for name in ("hellaswag", "arc_easy", "piqa") for d in load_docs(TASKS[name], str(EVAL_FIX))[:3]
+                for r in requests_of(TASKS[name], d)]
+    masks = []
+    real = Scorer._segment_mask
+    monkeypatch.setattr(Scorer, "_segment_mask", lambda self, seg: masks.append(seg) or real(self, seg))
+    scorer = Scorer(model, eval_tokenizer, batch_size=4, share_contexts=True)
+    batched = scorer.loglikelihood(requests)
+    for (c, x), (ll, greedy) in zip(requests, batched):
+        ref_ll, ref_greedy = reference(model, scorer, c, x)
+        assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy
+    assert bool(masks) == scorer.share == (arch not in ("mistral", "qwen2", "gemma2", "gemma3_text", "bloom"))
+
+
+def test_bf16_scores_are_lm_eval_s_bit_for_bit(eval_tokenizer):
+    """In bf16 lm-eval rounds each log-probability and their sum to bf16; chop's rows, batches and arithmetic give
+    the same bits (with shared contexts they would not: a masked row runs other kernels)."""
+    torch.manual_seed(0)
+    model = load_model(config=dict(TINY["llama"], vocab_size=len(eval_tokenizer), max_position_embeddings=512),
+                       dtype="bfloat16").eval()
+    requests = all_requests()
+    scorer = Scorer(model, eval_tokenizer, batch_size=16)
+    got = scorer.loglikelihood(requests)
+    want = [lm_eval_reference(model, scorer, c, x) for c, x in requests]
+    assert got == want
+    assert len({ll for ll, _ in got}) > 40  # not a degenerate model

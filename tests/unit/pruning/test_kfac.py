@@ -1,0 +1,98 @@
+"""K-FAC (chop/pruning/kfac.py): costs and updates against brute force with the explicit Kronecker Hessian, the exact
+least-squares optimum, K-OBD, and the factors as input and output-gradient moments."""
+
+import pytest
+import torch
+from helpers import TINY, spd
+
+from chop.models.loading import load_model
+from chop.pruning import kfac
+from chop.pruning.structures import linears
+
+D = torch.float64
+
+
+@pytest.fixture()
+def layer():
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, dtype=D)
+    f = kfac.Factors(spd(5, 1), spd(6, 2)).invert(0.0, 0.0)
+    return w, f, torch.kron(f.G, f.A)  # vec(W) row-major: F[(i,j),(k,l)] = G_ik A_jl
+
+
+def obs(w, F, q):
+    """Brute force: remove weights q (flat indices) of vec(W) under Hessian F: (cost, new W)."""
+    Fi = torch.linalg.inv(F)
+    theta = w.flatten()
+    lam = torch.linalg.solve(Fi[q][:, q], theta[q])
+    return 0.5 * theta[q] @ lam, (theta - Fi[:, q] @ lam).view_as(w)
+
+
+def test_element_costs_and_update_equal_brute_force(layer):
+    w, f, F = layer
+    costs = kfac.element_costs(w, f)
+    for q in range(w.numel()):
+        cost, _ = obs(w, F, [q])
+        assert costs.flatten()[q] == pytest.approx(float(cost), rel=1e-9)
+    mask = torch.zeros(w.shape, dtype=torch.bool)
+    mask[[0, 2, 2, 5], [1, 0, 4, 3]] = True
+    _, want = obs(w, F, mask.flatten().nonzero()[:, 0])
+    got = kfac.remove_elements(w, f, mask, max_correlate=64)
+    assert torch.allclose(got, want, atol=1e-10) and (got[mask] == 0).all()
+
+
+def test_row_and_column_costs_and_updates_equal_brute_force(layer):
+    w, f, F = layer
+    rows, cols = kfac.row_costs(w, f), kfac.column_costs(w, f)
+    for r in range(w.shape[0]):
+        cost, _ = obs(w, F, [r * w.shape[1] + j for j in range(w.shape[1])])
+        assert rows[r] == pytest.approx(float(cost), rel=1e-9)
+    for c in range(w.shape[1]):
+        cost, _ = obs(w, F, [i * w.shape[1] + c for i in range(w.shape[0])])
+        assert cols[c] == pytest.approx(float(cost), rel=1e-9)
+    R, C = torch.tensor([1, 4]), torch.tensor([0, 3])
+    _, want = obs(w, F, [r * 5 + j for r in R.tolist() for j in range(5)])
+    assert torch.allclose(kfac.remove_rows(w, f, R), want, atol=1e-10)
+    _, want = obs(w, F, [i * 5 + c for i in range(6) for c in C.tolist()])
+    assert torch.allclose(kfac.remove_columns(w, f, C), want, atol=1e-10)
+
+
+def test_one_shot_column_removal_of_a_linear_layer_is_the_least_squares_optimum():
+    """Quadratic loss ½‖X W'ᵀ − X Wᵀ‖²: its Hessian is I ⊗ XᵀX exactly, and dropping input columns C with the
+    correlated update gives the least-squares fit of the dense outputs on the remaining inputs."""
+    torch.manual_seed(1)
+    x, w = torch.randn(200, 8, dtype=D), torch.randn(5, 8, dtype=D)
+    f = kfac.Factors(x.T @ x, torch.eye(5, dtype=D)).invert(0.0, 0.0)
+    C = torch.tensor([2, 5, 6])
+    got = kfac.remove_columns(w, f, C)
+    keep = [j for j in range(8) if j not in C.tolist()]
+    best = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
+    assert torch.allclose(got[:, keep], best, atol=1e-9) and (got[:, C] == 0).all()
+    # and the loss it reaches is the cost the formula predicted
+    loss = 0.5 * ((x @ got.T - x @ w.T) ** 2).sum()
+    assert float(loss) == pytest.approx(float(kfac.column_costs(w, f)[C].sum()), rel=0.5)  # individual costs: an estimate
+    joint = 0.5 * torch.trace(w[:, C] @ torch.linalg.inv(f.A_inv[C][:, C]) @ w[:, C].T)
+    assert float(loss) == pytest.approx(float(joint), rel=1e-9)  # the joint cost: exact
+
+
+def test_obd_costs_are_the_diagonal_of_the_kronecker_hessian(layer):
+    w, f, F = layer
+    assert torch.allclose(kfac.element_costs_obd(w, f).flatten(), 0.5 * w.flatten() ** 2 * F.diagonal())
+
+
+def test_kfac_factors_of_a_linear_layer_are_its_input_and_output_gradient_moments():
+    torch.manual_seed(0)
+    model = load_model(config=TINY["llama"]).double()
+    layers = linears(model)
+    ids = torch.randint(2, 128, (2, 9))
+    factors = kfac.collect(model, layers, [ids])
+    name = next(n for n in layers if n.endswith("mlp.down_proj"))
+    seen = {}
+    layer = layers[name]
+    h = layer.register_forward_hook(lambda m, a, o: seen.update(a=a[0], o=o) or o.retain_grad())
+    logits = model(input_ids=ids[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    h.remove()
+    a, g = seen["a"].flatten(0, 1), seen["o"].grad.flatten(0, 1)
+    assert torch.allclose(factors[name].A, a.T @ a / len(a), rtol=1e-8)
+    assert torch.allclose(factors[name].G, g.T @ g / len(g), rtol=1e-6)
