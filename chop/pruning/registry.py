@@ -12,6 +12,7 @@ PRUNERS: dict[str, str] = {
     "surgeon": "chop.pruning.surgeon.Surgeon",
     "obd": "chop.pruning.surgeon.KOBD",
     "magnitude": "chop.pruning.magnitude.Magnitude",
+    "wanda": "chop.pruning.wanda.Wanda",
 }
 
 
