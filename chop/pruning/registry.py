@@ -13,6 +13,7 @@ PRUNERS: dict[str, str] = {
     "obd": "chop.pruning.surgeon.KOBD",
     "magnitude": "chop.pruning.magnitude.Magnitude",
     "wanda": "chop.pruning.wanda.Wanda",
+    "activation": "chop.pruning.activation.Activation",
 }
 
 
