@@ -1,74 +1,106 @@
-"""Held-out perplexity after structured pruning: LLM Surgeon against its baselines (K-OBD, magnitude), by the number
-of calibration tokens, on one real model.
+"""Held-out perplexity right after pruning (no recovery), every pruning method side by side on one real model, from
+the same dense weights and the same calibration text.
 
-    python benchmarks/surgeon_quality.py --model DIR [--sparsity 0.2] [--shots 2] [--calibration 32x128 128x2048]
+    python benchmarks/surgeon_quality.py --model DIR [--part structured|element|all] [--sparsity 0.2] [--calibration 128x2048]
 
-Every run starts from the same dense weights. Calibration: chop's prune default (wikitext-2 train; offline, chop's
-english-passages train split); held-out: ``--held_out`` blocks of ``--held_len`` tokens (wikitext-2 test; offline,
-english-passages val). The correlated updates solve least-squares problems in the factors, so they need enough
-calibration tokens for factors of the MLP's width; the table shows where Surgeon overtakes K-OBD. Prints a table,
-writes surgeon_quality.json ($OUT, else benchmarks/results/).
+Structured (``--sparsity`` of the decoder linears, as MLP units and attention groups): LLM Surgeon (its structure cost
+counting what the update touches, or every part as the paper sums; per-layer or uniform widths), K-OBD, magnitude,
+Minitron's activation ranking (MLP units; MLP units and attention groups). Element (``--element`` unstructured, and
+2:4): Wanda, K-OBD, magnitude. Calibration: chop prune's default (wikitext-2 train; offline, english-passages train);
+held-out: ``--held_out`` blocks of ``--held_len`` tokens of wikitext-2 test, rows joined by blank lines (offline,
+english-passages val). Prints a table, writes surgeon_quality[_PART].json ($OUT, else benchmarks/results/) with its
+provenance.
 """
 
 import argparse
 import copy
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from chop.models.loading import load_model, load_tokenizer
-from chop.pruning.prune_cli import Text, blocks, perplexity
-from chop.pruning.surgeon import Surgeon, prune
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import provenance  # noqa: E402
 
-BASELINES = {"surgeon": {}, "obd": {"obd": True}, "magnitude": {"magnitude": True},
-             "surgeon_lora": {"lora_rank": 16}}  # with first-order updates between shots (the settings' defaults)
+from chop.models.loading import load_model, load_tokenizer  # noqa: E402
+from chop.pruning.prune_cli import Text, blocks, perplexity  # noqa: E402
+from chop.pruning.registry import pruner_from  # noqa: E402
+
+
+def arms(a: argparse.Namespace) -> dict[str, tuple[str, dict]]:
+    """name -> (part, pruning settings)."""
+    calib = {"shots": a.shots}
+    structured = {"mode": "structured", "sparsity": a.sparsity}
+    out = {
+        "surgeon": ("structured", {"method": "surgeon", **structured, **calib}),
+        "surgeon, all parts' costs": ("structured", {"method": "surgeon", **structured, **calib,
+                                                     "structure_cost": "all_parts"}),
+        "surgeon, uniform widths": ("structured", {"method": "surgeon", **structured, **calib, "uniform": True}),
+        "K-OBD": ("structured", {"method": "obd", **structured, **calib}),
+        "magnitude": ("structured", {"method": "magnitude", **structured}),
+        "activation (MLP)": ("structured", {"method": "activation", "sparsity": a.sparsity}),
+        "activation (MLP, attention)": ("structured", {"method": "activation", "sparsity": a.sparsity,
+                                                       "units": ["mlp", "attention"]}),
+    }
+    for mode, extra in (("unstructured", {"sparsity": a.element}), ("semistructured", {"n": 2, "m": 4})):
+        label = "2:4" if mode == "semistructured" else f"{a.element:.0%} unstructured"
+        out[f"wanda, {label}"] = ("element", {"method": "wanda", "mode": mode, **extra})
+        out[f"K-OBD, {label}"] = ("element", {"method": "obd", "mode": mode, "shots": 1, **extra})
+        out[f"magnitude, {label}"] = ("element", {"method": "magnitude", "mode": mode, **extra})
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True, help="a Hugging Face directory or hub id")
-    p.add_argument("--sparsity", type=float, default=0.2)
+    p.add_argument("--part", choices=["structured", "element", "all"], default="all")
+    p.add_argument("--sparsity", type=float, default=0.2, help="structured: share of the decoder linears removed")
+    p.add_argument("--element", type=float, default=0.5, help="unstructured: share of each linear removed")
     p.add_argument("--shots", type=int, default=2)
-    p.add_argument("--calibration", nargs="+", default=["32x128", "64x128", "128x128", "64x256", "128x512", "128x2048"],
-                   help="SAMPLESxLENGTH calibration sets")
-    p.add_argument("--methods", nargs="+", default=["surgeon", "obd", "magnitude"], choices=list(BASELINES))
+    p.add_argument("--calibration", default="128x2048", help="SAMPLESxLENGTH")
     p.add_argument("--held_out", type=int, default=64, help="held-out blocks")
     p.add_argument("--held_len", type=int, default=512, help="tokens per held-out block")
     p.add_argument("--batch_tokens", type=int, default=8192, help="calibration tokens per forward/backward")
-    args = p.parse_args()
+    a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = load_tokenizer(args.model)
-    dense = load_model(args.model, dtype="float32").to(device)
-    held = blocks(Text(split="test"), tok, args.held_len + 1, args.held_out, "val", "--held_out")
-    results = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "sparsity": args.sparsity, "shots": args.shots, "dense_ppl": perplexity(dense, held), "runs": []}
-    print(f"dense held-out perplexity {results['dense_ppl']:.2f} ({args.held_out} x {args.held_len} tokens)", flush=True)
-    for calibration in args.calibration:
-        samples, length = (int(x) for x in calibration.split("x"))
-        calib = blocks(Text(), tok, length + 1, samples, "train", "--calibration")
-        per_batch = max(1, args.batch_tokens // length)
-        batches = [torch.stack(calib[i:i + per_batch]) for i in range(0, samples, per_batch)]
-        for method in args.methods:
-            if method == "magnitude" and any(r["method"] == "magnitude" for r in results["runs"]):
-                continue  # needs no calibration: once is enough
-            model = copy.deepcopy(dense)
-            t0 = time.perf_counter()
-            report = prune(model, Surgeon(mode="structured", sparsity=args.sparsity, shots=args.shots,
-                                          **BASELINES[method]), batches, evaluate=lambda m: perplexity(m, held))
-            run = {"method": method, "calibration": calibration, "tokens": samples * length,
-                   "ppl_by_shot": [s["ppl"] for s in report.shots], "ppl": report.shots[-1]["ppl"],
-                   "sparsity": 1 - report.params_after / report.params_before, "seconds": time.perf_counter() - t0}
-            results["runs"].append(run)
-            print(f"  {calibration:>9} {samples * length:>8,} tokens  {method:<10} ppl {run['ppl']:>10.2f}  "
-                  f"(by shot {', '.join(f'{x:.2f}' for x in run['ppl_by_shot'])}; sparsity {run['sparsity']:.4f}; "
-                  f"{run['seconds']:.0f} s)", flush=True)
-            del model
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "surgeon_quality.json"
+    tok = load_tokenizer(a.model)
+    dense = load_model(a.model, dtype="float32").to(device)
+    held_text, calib_text = Text(split="test", join="\n\n"), Text()
+    held = blocks(held_text, tok, a.held_len + 1, a.held_out, "val", "--held_out")
+    samples, length = (int(x) for x in a.calibration.split("x"))
+    calib = blocks(calib_text, tok, length + 1, samples, "train", "--calibration")
+    per_batch = max(1, a.batch_tokens // length)
+    batches = [torch.stack(calib[i:i + per_batch]).to(device) for i in range(0, samples, per_batch)]
+    data = {"calibration": f"{calib_text.path} ({calib_text.name}, {calib_text.split}; offline: english-passages "
+                           f"train), {samples} x {length} tokens",
+            "held_out": f"{held_text.path} ({held_text.name}, {held_text.split}, rows joined by blank lines; offline: "
+                        f"english-passages val), {a.held_out} x {a.held_len} tokens"}
+    results = {"provenance": provenance(a.model, data), "settings": vars(a), "dense_ppl": perplexity(dense, held),
+               "runs": []}
+    suffix = "" if a.part == "all" else f"_{a.part}"
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / f"surgeon_quality{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    print(f"dense held-out perplexity {results['dense_ppl']:.2f}", flush=True)
+    print(f"{'method':<34}{'sparsity':>9}{'ppl':>12}{'seconds':>9}")
+    for name, (part, settings) in arms(a).items():
+        if a.part not in ("all", part):
+            continue
+        spec = pruner_from(dict(settings, **({"calibration_samples": samples, "seq_len": length,
+                                              "batch_size": per_batch} if settings["method"] != "magnitude" else {})))
+        model = copy.deepcopy(dense)
+        torch.cuda.synchronize() if device == "cuda" else None
+        t0 = time.perf_counter()
+        report = spec.prune(model, batches)
+        seconds = time.perf_counter() - t0
+        run = {"method": name, "part": part, "settings": settings, "ppl": perplexity(model, held),
+               "sparsity": 1 - report.params_after / report.params_before, "seconds": seconds}
+        results["runs"].append(run)
+        print(f"{name:<34}{run['sparsity']:>9.4f}{run['ppl']:>12.2f}{seconds:>9.1f}", flush=True)
+        out.write_text(json.dumps(results, indent=2))  # after every run: a cut-off session keeps what it measured
+        del model
 
 
 if __name__ == "__main__":
