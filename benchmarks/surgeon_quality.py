@@ -4,7 +4,7 @@ the same dense weights and the same calibration text.
     python benchmarks/surgeon_quality.py --model DIR [--part structured|element|all] [--sparsity 0.2] [--calibration 128x2048]
 
 Structured (``--sparsity`` of the decoder linears, as MLP units and attention groups): LLM Surgeon (its structure cost
-counting what the update touches, or every part as the paper sums; per-layer or uniform widths), K-OBD, magnitude,
+summed over every part as the paper does, or over what the update touches; per-layer or uniform widths), K-OBD, magnitude,
 Minitron's activation ranking (MLP units; MLP units and attention groups). Element (``--element`` unstructured, and
 2:4): Wanda, K-OBD, magnitude. Calibration: chop prune's default (wikitext-2 train; offline, english-passages train);
 held-out: ``--held_out`` blocks of ``--held_len`` tokens of wikitext-2 test, rows joined by blank lines (offline,
@@ -35,9 +35,9 @@ def arms(a: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     calib = {"shots": a.shots}
     structured = {"mode": "structured", "sparsity": a.sparsity}
     out = {
-        "surgeon": ("structured", {"method": "surgeon", **structured, **calib}),
-        "surgeon, all parts' costs": ("structured", {"method": "surgeon", **structured, **calib,
-                                                     "structure_cost": "all_parts"}),
+        "surgeon": ("structured", {"method": "surgeon", **structured, **calib, "structure_cost": "all_parts"}),
+        "surgeon, updated parts' costs": ("structured", {"method": "surgeon", **structured, **calib,
+                                                         "structure_cost": "updated"}),
         "surgeon, uniform widths": ("structured", {"method": "surgeon", **structured, **calib, "uniform": True}),
         "K-OBD": ("structured", {"method": "obd", **structured, **calib}),
         "magnitude": ("structured", {"method": "magnitude", **structured}),

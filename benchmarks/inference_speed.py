@@ -1,0 +1,118 @@
+"""How fast compressed models run: prefill latency and decode throughput (transformers ``generate``, KV cache) of a
+dense Llama and its LayerChop'd and structurally pruned versions, random init, bf16, on one GPU.
+
+    python benchmarks/inference_speed.py [--models 1.1b 7b] [--reps 3]
+
+Rows per model: dense; LayerChop removing 25% and 50% of the layers (``output`` strategy); structured width pruning
+of 20% and 30% of the decoder linears, per-layer widths (the one-threshold choice, by magnitude: on random weights
+any criterion gives such shapes) and uniform widths. Prefill: one forward over batch x 2,048 tokens (batch 1 and 16).
+Decode: 256 new tokens after a 128-token prompt, greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over
+the batch. Medians of ``--reps`` after a warm-up; speed-ups against the dense row of the same run. Prints a table,
+writes inference_speed_<models>.json ($OUT, else benchmarks/results/) with its provenance.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import provenance  # noqa: E402
+
+from chop.models.loading import load_model  # noqa: E402
+from chop.pruning.layerchop import LayerChop, chop, num_params  # noqa: E402
+from chop.pruning.registry import pruner_from  # noqa: E402
+
+SHAPES = {
+    "1.1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096),  # a smoke test on a CPU
+    "7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+}
+VARIANTS = {
+    "dense": None,
+    "LayerChop 25%": {"chop": {"strategy": "output", "fraction": 0.25}},
+    "LayerChop 50%": {"chop": {"strategy": "output", "fraction": 0.5}},
+    "structured 20%": {"pruning": {"method": "magnitude", "sparsity": 0.2, "align": 64}},
+    "structured 30%": {"pruning": {"method": "magnitude", "sparsity": 0.3, "align": 64}},
+    "structured 30%, uniform": {"pruning": {"method": "magnitude", "sparsity": 0.3, "align": 64, "uniform": True}},
+}
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure(model, reps: int) -> dict:
+    vocab = model.config.vocab_size
+    out = {}
+    for batch in (1, 16):
+        ids = torch.randint(0, vocab, (batch, 2048), device=DEVICE)
+        out[f"prefill_b{batch}_ms"] = 1e3 * timed(lambda: model(input_ids=ids, use_cache=False), reps)
+    for batch in (1, 32):
+        prompt = torch.randint(0, vocab, (batch, 128), device=DEVICE)
+        s = timed(lambda: model.generate(prompt, max_new_tokens=256, min_new_tokens=256, do_sample=False,
+                                         pad_token_id=0), reps)
+        out[f"decode_b{batch}_tok_s"] = batch * 256 / s
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["1.1b", "7b"], choices=list(SHAPES))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--reps", type=int, default=3)
+    a = p.parse_args()
+    results = {"provenance": provenance(None, {"tokens": "random ids"}), "settings": vars(a), "runs": []}
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / f"inference_speed_{'_'.join(a.models)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{'model':<6}{'variant':<26}{'params':>8}{'prefill b1':>11}{'b16':>9}{'decode b1':>11}{'b32':>9}  (ms; tok/s)")
+    for shape in a.models:
+        dense = None
+        for name in a.variants:
+            with torch.device(DEVICE):
+                model = load_model(config=SHAPES[shape], dtype="bfloat16", attn_implementation="sdpa").eval()
+            todo = VARIANTS[name] or {}
+            if "chop" in todo:
+                chop(model, LayerChop(**todo["chop"]))
+            if "pruning" in todo:
+                pruner_from(todo["pruning"]).prune(model, [])
+            run = {"model": shape, "variant": name, "params": num_params(model), **measure(model, a.reps)}
+            dense = dense or run
+            run.update({f"{k}_speedup": (dense[k] / run[k] if k.endswith("_ms") else run[k] / dense[k])
+                        for k in run if k.endswith(("_ms", "_tok_s"))})
+            results["runs"].append(run)
+            print(f"{shape:<6}{name:<26}{run['params'] / 1e9:>7.2f}B{run['prefill_b1_ms']:>11.1f}{run['prefill_b16_ms']:>9.1f}"
+                  f"{run['decode_b1_tok_s']:>11.1f}{run['decode_b32_tok_s']:>9.1f}   speed-up prefill b16 "
+                  f"{run['prefill_b16_ms_speedup']:.2f}x, decode b32 {run['decode_b32_tok_s_speedup']:.2f}x", flush=True)
+            out.write_text(json.dumps(results, indent=2))
+            del model
+            torch.cuda.empty_cache() if DEVICE == "cuda" else None
+
+
+if __name__ == "__main__":
+    main()
