@@ -4,7 +4,7 @@ and of a structurally pruned (physically smaller) model against the dense one.
     python benchmarks/semistructured_speed.py [--tokens 8192] [--structured 0.3]
 
 A random-init TinyLlama-shaped Llama (1.1B, bf16) on one GPU. 2:4: every decoder linear keeps the 2 largest of each
-4 weights (the pattern LLM Surgeon's semistructured mode leaves), then ``chop.pruning.surgeon.to_semi_structured``.
+4 weights (the pattern LLM Surgeon's semistructured mode leaves), then ``chop.pruning.sparse.to_semi_structured``.
 Structured: ``--structured`` of the decoder linears removed as MLP units and attention groups by magnitude (the
 shapes LLM Surgeon's structured mode leaves) and sliced out. Median of ``--iters`` forwards each; prints a table and
 writes semistructured_speed.json ($OUT, else benchmarks/results/).
@@ -42,8 +42,10 @@ def main() -> None:
     args = p.parse_args()
 
     from chop.models.loading import load_model
-    from chop.pruning import kfac
-    from chop.pruning.surgeon import Surgeon, linears, prune, to_semi_structured
+    from chop.pruning.elements import nm_costs
+    from chop.pruning.magnitude import Magnitude
+    from chop.pruning.sparse import to_semi_structured
+    from chop.pruning.structures import linears
 
     cfg = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=args.seq)
@@ -59,7 +61,7 @@ def main() -> None:
     with torch.no_grad():
         for layer in linears(model).values():
             w = layer.weight
-            _, mask = kfac.nm_costs(w.float().abs(), 2, 4)
+            _, mask = nm_costs(w.float().abs(), 2, 4)
             w.masked_fill_(mask, 0)
     masked = latency(model, ids, args.iters)  # dense kernels on 2:4 zeros: the same work
     swapped = to_semi_structured(model)
@@ -67,7 +69,7 @@ def main() -> None:
     del model
     torch.cuda.empty_cache()
     model = fresh()
-    prune(model, Surgeon(mode="structured", sparsity=args.structured, shots=1, magnitude=True), [])
+    Magnitude(mode="structured", sparsity=args.structured).prune(model, [])
     small = sum(p.numel() for p in model.parameters())
     structured = latency(model, ids, args.iters)
     rows = [("dense", dense, params), ("2:4 zeros, dense kernels", masked, params),

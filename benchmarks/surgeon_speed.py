@@ -44,7 +44,9 @@ def main() -> None:
 
     from chop.models.loading import load_model
     from chop.pruning import kfac
-    from chop.pruning.surgeon import Surgeon, _structured_shot, linears, prune, structures
+    from chop.pruning.shots import State
+    from chop.pruning.structures import linears, prunable_params, structures
+    from chop.pruning.surgeon import Surgeon, structured_shot
 
     cfg = dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
                num_attention_heads=32, num_key_value_heads=args.kv_heads, vocab_size=32000, max_position_embeddings=args.seq)
@@ -82,7 +84,8 @@ def main() -> None:
     factor_gib = sum(t.numel() * 8 for f in factors.values() for t in (f.A, f.G, f.A_inv, f.G_inv)) / 2**30
     groups = structures(model)
     total = sum(l.weight.numel() for l in layers.values())
-    _, shot = timed(lambda: _structured_shot(layers, [factors], groups, args.sparsity * total, Surgeon(sparsity=args.sparsity)))
+    state = State(model, layers, prunable_params(layers), groups)
+    _, shot = timed(lambda: structured_shot(state, [factors], args.sparsity * total, Surgeon(sparsity=args.sparsity)))
     peak = torch.cuda.max_memory_allocated() / 2**30
     hooks = collect - fb
 
@@ -91,8 +94,8 @@ def main() -> None:
         model = build()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        _, blockwise = timed(lambda: prune(model, Surgeon(sparsity=args.sparsity, shots=1, blocks_per_pass=args.blocks_per_pass),
-                                           batches))
+        _, blockwise = timed(lambda: Surgeon(sparsity=args.sparsity, shots=1, blocks_per_pass=args.blocks_per_pass)
+                             .prune(model, batches))
         blockwise_peak = torch.cuda.max_memory_allocated() / 2**30
 
     # Extrapolate to Llama-2-7B (hidden 4096, MLP 11008, 32 layers, 32 heads), 128 x 4096 tokens, 40 shots.
