@@ -41,8 +41,8 @@ class CausalLMModule(L.LightningModule):
         chop: which layers to delete before training (None: train the model as it is).
         pruning: a pruning method (``method``: surgeon, obd, magnitude, wanda, activation; ``chop.pruning.registry``)
             applied to the (chopped) model before training, calibrated on ``pruning.calibration_samples`` sequences
-            of the training data. Structured pruning leaves smaller matrices; (semi)unstructured zeros are not held
-            at zero in training.
+            of the training data. Structured pruning leaves smaller matrices; unstructured and n:m zeros stay zero
+            through training (the mask is kept).
         optim: optimizer and learning-rate schedule.
         compile: run the forward through ``torch.compile``.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -184,6 +184,21 @@ class CausalLMModule(L.LightningModule):
     def flops_per_batch(self) -> Optional[float]:
         """Read by ThroughputMonitor for MFU: FLOPs of one training batch on one device."""
         return getattr(self, "_flops_per_batch", None)
+
+    def on_train_start(self) -> None:
+        # Unstructured and n:m pruning: the removed weights stay removed through recovery. They are the exact zeros of
+        # the decoder linears when training starts (a resumed run finds the same), each rank's own shard under FSDP.
+        self._pruned: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.pruning is not None and self.pruning.mode != "structured":
+            from chop.pruning.structures import linears
+
+            self._pruned = [(layer.weight, layer.weight == 0) for layer in linears(self.model).values()]
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():  # right after the update, before any checkpoint of this step is written
+            for weight, removed in getattr(self, "_pruned", []):
+                weight.masked_fill_(removed, 0.0)
 
     def configure_callbacks(self) -> list:
         return [ComputeAccounting()]  # tokens, FLOPs and device-hours, checkpointed with the run

@@ -32,17 +32,21 @@ class ZeroShotEvalCallback(Callback):
         data_dir: a folder with ``<task>/`` files to read instead of the hub.
         share_contexts: score the choices of one context in one row (half the tokens of a multiple-choice task;
             numbers then equal lm-eval's only to the dtype's rounding).
+        at_start: also run before the first training step (step 0: the chopped or pruned model before any recovery;
+            a resumed run does not repeat it).
+        at_end: also run when training ends (the recovered model).
     """
 
     def __init__(self, tasks: str = "just_chop", every_n_steps: Optional[int] = None, on_checkpoint: bool = True,
                  limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
-                 data_dir: Optional[str] = None, share_contexts: bool = False) -> None:
+                 data_dir: Optional[str] = None, share_contexts: bool = False, at_start: bool = False,
+                 at_end: bool = False) -> None:
         get(tasks)  # unknown names fail when the config is read
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"ZeroShotEvalCallback.every_n_steps: {every_n_steps} must be >= 1 (or null)")
         self.tasks, self.every_n_steps, self.on_checkpoint = tasks, every_n_steps, on_checkpoint
         self.limit, self.batch_size, self.data_dir = limit, batch_size, data_dir
-        self.share_contexts = share_contexts
+        self.share_contexts, self.at_start, self.at_end = share_contexts, at_start, at_end
         self.docs: Optional[dict[str, list[Doc]]] = None
         self.last_step = -1
 
@@ -53,6 +57,14 @@ class ZeroShotEvalCallback(Callback):
             self.tokenizer = load_tokenizer(pl_module.tokenizer_name)
             self.encoder = Encoder(self.tokenizer)  # keeps each request's tokens from one evaluation to the next
             self.docs = {t.name: load_docs(t, self.data_dir, self.limit) for t in get(self.tasks) if t.kind != "blocks"}
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.at_start and trainer.global_step == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.at_end:
+            self.run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

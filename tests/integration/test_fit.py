@@ -211,3 +211,20 @@ def test_resume_builds_the_model_from_the_checkpoint_and_refuses_other_settings(
     cli = cli_main(args(tmp_path, "--trainer.max_steps=8", "--ckpt_path=last"))
     assert cli.trainer.global_step == 8 and cli.model.plan.kept == [0, 3, 4, 5]
     assert not list(run.glob("last-v*.ckpt"))
+
+
+def test_unstructured_pruning_before_training_keeps_its_zeros_through_training_and_resume(tmp_path):
+    """Wanda 50% before training: the removed weights are still exactly zero after the updates (and in the export),
+    also after a resume, and the rest have trained."""
+    from chop.models.loading import load_model
+    from chop.pruning.structures import linears
+
+    pruning = '--model.pruning={"method": "wanda", "sparsity": 0.5, "calibration_samples": 8}'
+    first = cli_main(args(tmp_path, pruning, trainer={"max_steps": 4}))
+    start = {n: l.weight.detach().clone() for n, l in linears(first.model.model).items()}
+    cli_main(args(tmp_path, pruning, "--ckpt_path", "last", trainer={"max_steps": 8}))
+    hf = sorted(tmp_path.glob("**/checkpoints/hf*"))[-1]
+    for name, layer in linears(load_model(str(hf))).items():
+        w = layer.weight.detach()
+        assert float((w == 0).float().mean()) == 0.5, name  # each row keeps half: no zero came back to life
+        assert not torch.equal(w, start[name]), name  # and the kept half trained on

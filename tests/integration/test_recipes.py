@@ -8,7 +8,8 @@ from helpers import ROOT, TINY, make_tokenizer, tiny_llama, write_corpus
 from chop.models import loading
 from chop.training.cli import cli_main
 
-YAMLS = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("recipes/**/*.yaml"), *ROOT.glob("configs/*.yaml")])
+YAMLS = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("recipes/**/*.yaml"), *ROOT.glob("configs/*.yaml")]
+               if p.name != "study.yaml")  # the study's arms: test_every_study_arm_is_a_config_chop_fit_accepts
 
 
 @pytest.mark.parametrize("path", YAMLS)
@@ -87,3 +88,28 @@ def test_why_lift_so_heavy_recipe_runs_with_local_sources(tmp_path, monkeypatch,
                     "--data.num_workers=0", '--data.verbalizer={"negative": " a", "positive": " good"}'])
     assert cli.model.plan.kept == [0, 1]
     assert cli.trainer.global_step == 3 and {"val/acc", "val/f1", "train/loss"} <= set(cli.trainer.callback_metrics)
+
+
+def test_every_study_arm_is_a_config_chop_fit_accepts(tmp_path, monkeypatch):
+    """recipes/study_smollm2: base.yaml plus each recovery arm's settings (the best placement stood in by `input`)
+    parses as a `chop fit` config; each arm without recovery is settings a pruner accepts."""
+    import importlib.util
+
+    from chop.pruning.registry import pruner_from
+
+    monkeypatch.chdir(ROOT)
+    spec = importlib.util.spec_from_file_location("study_run", ROOT / "recipes" / "study_smollm2" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    study = run.Study(ROOT / "recipes" / "study_smollm2" / "study.yaml", tmp_path)
+    monkeypatch.setattr(study, "best", lambda section: {"strategy": "input", "fraction": 0.5})
+    for section in study.spec["sections"].values():
+        for arm, how in section["arms"].items():
+            if "prune" in how:
+                pruner_from(how["prune"])
+                continue
+            path = tmp_path / f"{run.slug(arm)}.yaml"
+            path.write_text(yaml.safe_dump(study.config(how["fit"], 0, tmp_path / "x" / "seed0")))
+            with pytest.raises(SystemExit) as done:
+                cli_main(["fit", "--config", str(path), "--print_config"])
+            assert done.value.code == 0, arm

@@ -14,14 +14,15 @@ def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
     from chop.training.cli import cli_main
 
     cb = ("chop.ZeroShotEvalCallback", {"tasks": "piqa,copa,lambada_openai", "every_n_steps": 2,
-                                             "data_dir": str(EVAL_FIX), "batch_size": 8})
+                                             "data_dir": str(EVAL_FIX), "batch_size": 8, "at_start": True})
     cli_main(args(tmp_path, "--trainer.max_steps=4", callbacks=[cb]))
     tb = scalars(tmp_path / "tiny_cpu")
-    assert len(tb["eval/piqa/acc"]) == 2 and len(tb["eval/lambada_openai/perplexity"]) == 2  # steps 2 and 4
+    assert len(tb["eval/piqa/acc"]) == 3 and len(tb["eval/lambada_openai/perplexity"]) == 3  # steps 0 (at_start), 2, 4
     assert all(0 <= a <= 1 for a in tb["eval/average"])
     run = tmp_path / "tiny_cpu" / "checkpoints"
     saved = json.loads((run / "eval-step=4.json").read_text())
     assert saved["step"] == 4 and saved["results"]["copa"]["n"] == 6
+    assert json.loads((run / "eval-step=0.json").read_text())["step"] == 0  # the chopped model before training
     assert (run / "eval-step=2.json").exists() and not (run / "eval-step=4-v1.json").exists()  # once per step
     # `chop eval` of the step-4 checkpoint (its weights and the tokenizer it records) gives the callback's numbers
     out = tmp_path / "ckpt.json"

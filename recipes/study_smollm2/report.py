@@ -1,0 +1,136 @@
+"""Writes recipes/study_smollm2/README.md's results from the runs' result.json files: one table per section (zero-shot
+per task and averages, mean over seeds with the spread, held-out perplexity, parameters, recovery FLOPs) and PNG
+plots (6-task average against parameters kept, held-out perplexity against recovery FLOPs, placement bars).
+
+    python recipes/study_smollm2/report.py [--study study.yaml] [--runs DIR] [--out README.md]
+
+The README's text above the marker line is kept; everything below it is regenerated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+MARKER = "<!-- everything below is written by report.py -->"
+
+
+def mean_spread(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def load(runs: Path) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted(runs.glob("*/*/seed*/result.json")):
+        r = json.loads(path.read_text())
+        out.setdefault((r["section"], r["arm"]), []).append(r)
+    return out
+
+
+def table(spec: dict, section: str, results: dict) -> list[str]:
+    arms = [a for a in spec["sections"][section]["arms"] if (section, a) in results]
+    if not arms:
+        return ["Not run yet.", ""]
+    tasks = sorted({t for a in arms for r in results[(section, a)] for t in r["after"]["tasks"]})
+    lines = ["| arm | seeds | parameters (non-zero) | recovery FLOPs | 6-task avg before | 6-task avg after | "
+             "suite avg after | held-out ppl before | after | " + " | ".join(tasks) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
+    for arm in arms:
+        rs = results[(section, arm)]
+        cells = [arm, str(len(rs)), f"{rs[0]['nonzero_params'] / 1e6:.1f}M", f"{rs[0]['recovery_flops']:.2g}",
+                 mean_spread([r["before"]["just_chop_average"] for r in rs]),
+                 mean_spread([r["after"]["just_chop_average"] for r in rs]),
+                 mean_spread([r["after"]["average"] for r in rs]),
+                 mean_spread([r["before"]["perplexity"] for r in rs]), mean_spread([r["after"]["perplexity"] for r in rs])]
+        for t in tasks:  # accuracy, mean over seeds, with the task's own stderr of the first seed
+            accs = [r["after"]["tasks"][t][0] for r in rs if t in r["after"]["tasks"]]
+            err = rs[0]["after"]["tasks"].get(t, [None, None])[1]
+            cells.append(f"{statistics.mean(accs):.3f}" + (f" ({err:.3f})" if err else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plots(spec: dict, results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (section, arm), rs in results.items():
+        ax.scatter([r["nonzero_params"] / 1e6 for r in rs], [r["after"]["just_chop_average"] for r in rs], s=14)
+        ax.annotate(arm, (rs[0]["nonzero_params"] / 1e6, rs[0]["after"]["just_chop_average"]), fontsize=6)
+    ax.set_xlabel("parameters kept, non-zero (M)")
+    ax.set_ylabel("6-task average after recovery")
+    fig.tight_layout()
+    fig.savefig(out / "average_vs_params.png", dpi=120)
+    made.append("average_vs_params.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (section, arm), rs in results.items():
+        if rs[0]["recovery_flops"]:
+            ax.scatter([r["recovery_flops"] for r in rs], [r["after"]["perplexity"] for r in rs], s=14, label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel("recovery FLOPs")
+    ax.set_ylabel("held-out perplexity")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "perplexity_vs_flops.png", dpi=120)
+    made.append("perplexity_vs_flops.png")
+    placement = [(arm, rs) for (section, arm), rs in results.items() if section == "placement"]
+    if placement:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = [a for a, _ in placement]
+        ax.bar(names, [statistics.mean(r["after"]["just_chop_average"] for r in rs) for _, rs in placement],
+               label="after recovery")
+        ax.bar(names, [statistics.mean(r["before"]["just_chop_average"] for r in rs) for _, rs in placement],
+               label="before", alpha=0.6)
+        ax.set_ylabel("6-task average")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "placement.png", dpi=120)
+        made.append("placement.png")
+    plt.close("all")
+    return made
+
+
+def render(study: Path, runs: Path, out: Path) -> None:
+    spec = yaml.safe_load(study.read_text())
+    results = load(runs)
+    lines = [MARKER, "", "## Results", ""]
+    if not results:
+        lines += ["No run has finished yet: `python recipes/study_smollm2/run.py` (with a GPU), then this script.", ""]
+    for section, s in spec["sections"].items():
+        lines += [f"### {s['title']}", ""] + table(spec, section, results)
+    if results:
+        lines += [f"![{p}]({p})" for p in plots(spec, results, out.parent)] + [""]
+        prov = next(iter(results.values()))[0]["provenance"]
+        lines += [f"Provenance of every run is in its result.json; e.g. model {prov['model']} (weights sha256 "
+                  f"{prov['weights_sha256'][:12]}…), recovery data {prov['recovery_data']} (offline: "
+                  f"{prov['offline']}, {prov['offline_data']}), commit {prov['commit'][:10]}.", ""]
+    head = out.read_text().split(MARKER)[0] if out.exists() else ""
+    out.write_text(head.rstrip() + "\n\n" + "\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", type=Path, default=HERE / "study.yaml")
+    p.add_argument("--runs", type=Path, default=HERE / "runs")
+    p.add_argument("--out", type=Path, default=HERE / "README.md")
+    a = p.parse_args()
+    render(a.study, a.runs, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The study's pipeline end to end on a tiny model (recipes/study_smollm2): a recovery arm (`chop fit`, scored before
+and after) and an arm without recovery (`chop prune`, `chop eval`), each run's result.json with its provenance, a
+second run that skips what is finished, and the report's tables and plots."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+from helpers import EVAL_FIX, FIX, ROOT, TINY_CPU, tiny_llama
+
+
+def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
+    model = tiny_llama(tmp_path / "model", layers=4)
+    base = yaml.safe_load(open(TINY_CPU))
+    base["model"]["init_args"].pop("config")
+    base["model"]["init_args"].update(name=str(model), tokenizer=str(model))
+    base["model"]["init_args"].pop("chop")
+    base["data"]["init_args"].update(train_files=[str(FIX / "train.jsonl")], val_files=[str(FIX / "val.jsonl")],
+                                     num_workers=0)
+    base["trainer"]["callbacks"] += [
+        {"class_path": "chop.training.callbacks.ComputeBudget", "init_args": {"max_flops": 3.0e7}},
+        {"class_path": "chop.ZeroShotEvalCallback", "init_args": {"tasks": "piqa,copa,c4", "data_dir": str(EVAL_FIX),
+                                                                  "on_checkpoint": False, "at_start": True,
+                                                                  "at_end": True, "limit": 4}}]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study = {"base": "base.yaml", "model": str(model), "seeds": [0],
+             "eval": {"tasks": "piqa,copa", "data_dir": str(EVAL_FIX), "limit": 4},
+             "prune_text": {"held_out_blocks": 0,
+                            "extra_args": ["--calibration.files", f"[{FIX / 'train.jsonl'}]"]},
+             "sections": {"placement": {"title": "Which layers", "arms": {
+                              "input": {"fit": {"model.init_args.chop": {"strategy": "input", "n_keep": 2}}}}},
+                          "curvature": {"title": "No recovery", "arms": {
+                              "magnitude 20%": {"prune": {"method": "magnitude", "sparsity": 0.2, "align": 4}}}}}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    run = [sys.executable, str(ROOT / "recipes" / "study_smollm2" / "run.py"), "--study", str(tmp_path / "study.yaml"),
+           "--runs", str(tmp_path / "runs")]
+    first = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    fit = json.loads((tmp_path / "runs" / "placement" / "input" / "seed0" / "result.json").read_text())
+    assert fit["recovery_flops"] >= 3.0e7 and fit["before"]["tasks"].keys() == {"piqa", "copa"}
+    assert fit["before"]["perplexity"] != fit["after"]["perplexity"] and fit["after"]["perplexity"] > 1  # it trained
+    assert fit["provenance"]["seed"] == 0 and len(fit["provenance"]["weights_sha256"]) == 64
+    pruned = json.loads((tmp_path / "runs" / "curvature" / "magnitude-20" / "seed0" / "result.json").read_text())
+    assert pruned["recovery_flops"] == 0 and pruned["params"] < fit["params"] + 10**9
+    again = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)  # everything finished: nothing reruns
+    assert again.returncode == 0 and again.stdout.count("done:") == 2 and "running" not in again.stdout
+    readme = tmp_path / "README.md"
+    readme.write_text("# The study\n\nWhat we found: ...\n")
+    report = subprocess.run([sys.executable, str(ROOT / "recipes" / "study_smollm2" / "report.py"), "--study",
+                             str(tmp_path / "study.yaml"), "--runs", str(tmp_path / "runs"), "--out", str(readme)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = readme.read_text()
+    assert text.startswith("# The study\n\nWhat we found") and "| input | 1 |" in text and "| magnitude 20% | 1 |" in text
+    assert (tmp_path / "average_vs_params.png").exists() and (tmp_path / "placement.png").exists()
