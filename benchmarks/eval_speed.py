@@ -8,8 +8,9 @@ each on 2 documents a task (``--warmup 0``: none), so that both find compiled by
 eval`` (``--dtype``, default bf16; batch size auto; its JSON says where its time went). lm-eval 0.4.13:
 ``simple_evaluate(model="hf", dtype, batch_size=64)`` with its own task definitions, its ``load_dataset`` pointed at
 the rows of ``--data_dir`` (chop.eval.reference). Reports both times, the ratio, every metric side by side and the
-largest per-example log-likelihood difference. ``--share_contexts`` times chop once more with contexts shared
-between choices (fewer tokens; numbers equal to lm-eval's only to bf16 rounding). ``--float32_reference`` scores once
+largest per-example log-likelihood difference. ``--fast`` times ``chop eval --mode fast`` once more (contexts shared
+between choices: fewer tokens; numbers equal to lm-eval's only to bf16 rounding), and with ``--float32_reference``
+reports per task its |Δ log-likelihood| from float32 against exact bf16's (``chop.eval.agreement``). ``--float32_reference`` scores once
 more in float32 and says how far each bf16 run is from it; more than one ``--lm_eval_batch`` reruns lm-eval at those
 batch sizes and says whether its own numbers change. ``--llama_1b`` adds a random-init Llama of about 1B parameters
 (hidden 2048, 16 layers, MLP 8192, the model's tokenizer), the compute-bound case (``--only_1b``: that alone). Prints a table and writes
@@ -44,7 +45,7 @@ def run_chop(model_dir: str, args, dtype: str, share: bool = False, limit: Optio
     out, limit = TMP / "chop.json", limit or args.limit
     cmd = [sys.executable, "-m", "chop", "eval", "--model", model_dir, "--tasks", args.tasks, "--data_dir",
            args.data_dir, "--dtype", dtype, "--device", args.device, "--samples", "true", "--output", str(out),
-           "--share_contexts", str(share).lower()] + (["--limit", str(limit)] if limit else [])
+           "--mode", "fast" if share else "exact"] + (["--limit", str(limit)] if limit else [])
     return timed(cmd, out)
 
 
@@ -95,13 +96,14 @@ def compare(model_dir: str, args, label: str) -> dict:
           f"), lm-eval (batch {args.lm_eval_batch[0]}) {lm_eval_s:.1f} s, {out['speedup']:.1f}x; {out['requests']:,} "
           f"requests; metrics identical: {out['identical']}; largest per-example log-likelihood difference "
           f"{worst:.2e}; choices where the two pick differently: {flips}", flush=True)
-    if args.share_contexts:  # the faster mode that gives up bit-identity: how much faster, how far off
+    shared = None
+    if args.fast:  # the faster mode that gives up bit-identity: how much faster, how far off
         shared, seconds = run_chop(model_dir, args, args.dtype, share=True)
         worst, flips = differ({task: [s["lls"] for s in v] for task, v in shared["samples"].items()}, lls["lm_eval"])
         same = sum(shared["results"][k.split("/")[0]][k.split("/")[1]] == v[1] for k, v in metrics.items())
-        out["share_contexts"] = {"chop_s": seconds, "speedup": lm_eval_s / seconds, "max_ll_diff": worst,
+        out["fast"] = {"chop_s": seconds, "speedup": lm_eval_s / seconds, "max_ll_diff": worst,
                                  "argmax_flips": flips, "metrics_equal": same, "metrics": len(metrics)}
-        print(f"  chop --share_contexts: {seconds:.1f} s, {lm_eval_s / seconds:.1f}x; largest log-likelihood difference "
+        print(f"  chop --mode fast: {seconds:.1f} s, {lm_eval_s / seconds:.1f}x; largest log-likelihood difference "
               f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}", flush=True)
     out["lm_eval_self"] = {}
     for j in range(1, len(runs)):  # does lm-eval agree with itself at another batch size?
@@ -121,6 +123,14 @@ def compare(model_dir: str, args, label: str) -> dict:
             out["vs_float32"][name] = {"max_ll_diff": worst, "argmax_flips": flips}
             print(f"  {name} {args.dtype} against float32: largest log-likelihood difference {worst:.3f}, "
                   f"choices picked differently {flips}")
+        if shared is not None:  # per task: fast mode's |Δ| from float32 against exact bf16's (= lm-eval's bf16 bits)
+            from chop.eval.agreement import compare as agreement
+
+            out["agreement"] = agreement(exact, shared, ours)
+            print(f"  {'task':<16}{'fast |Δ| median':>16}{'p99':>9}{'bf16 |Δ| median':>17}{'p99':>9}{'within':>8}")
+            for task, a in out["agreement"].items():
+                print(f"  {task:<16}{a['fast']['median']:>16.2e}{a['fast']['p99']:>9.2e}{a['bf16']['median']:>17.2e}"
+                      f"{a['bf16']['p99']:>9.2e}{str(a['within']):>8}")
     print(f"  {'metric':<24}{'chop':>8}" + "".join(f"{'lm-eval b' + str(b):>14}" for b in args.lm_eval_batch))
     for k, v in metrics.items():
         print(f"  {k:<24}{v[0]:>8.4f}" + "".join(f"{x:>14.4f}" for x in v[1:]))
@@ -151,7 +161,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="first run each engine once on 2 documents a task, untimed")
     p.add_argument("--llama_1b", action="store_true")
     p.add_argument("--float32_reference", action="store_true", help="also score in float32: which bf16 run is nearer")
-    p.add_argument("--share_contexts", action="store_true", help="also time chop with shared contexts")
+    p.add_argument("--fast", action="store_true", help="also time chop eval --mode fast (with --float32_reference: "
+                   "its distance from float32 per task against exact bf16's)")
     p.add_argument("--limit_1b", type=int, default=None, help="documents per task for the 1B model")
     p.add_argument("--only_1b", action="store_true", help="time the 1B model alone (with --model's tokenizer)")
     p.add_argument("--lm_eval_worker", help=argparse.SUPPRESS)  # internal: the lm-eval side, writing JSON here

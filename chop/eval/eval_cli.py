@@ -7,7 +7,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from jsonargparse import ArgumentParser
@@ -86,7 +86,7 @@ def check_output(output: str) -> None:
 
 def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
         output: Optional[str] = None, data_dir: Optional[str] = None, dtype: Optional[str] = None,
-        device: Optional[str] = None, samples: bool = False, share_contexts: bool = False) -> dict:
+        device: Optional[str] = None, samples: bool = False, mode: Literal["exact", "fast"] = "exact") -> dict:
     """Evaluate ``model`` on ``tasks``, print lm-eval's table, write JSON to ``output`` (never over a file).
 
     Args:
@@ -100,10 +100,13 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
         dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU).
         device: cuda or cpu (default: cuda when there is one).
         samples: also write each document's log-likelihoods to the JSON.
-        share_contexts: score the choices of one context in one row: half the tokens of a multiple-choice task,
-            numbers equal to lm-eval's only to the dtype's rounding (default: one row per input, lm-eval's numbers).
+        mode: exact: one row per request, lm-eval's numbers bit for bit in its dtype; fast: the choices of one context
+            in one row (the context scored once: half the tokens of a multiple-choice task), numbers equal to
+            lm-eval's only to the dtype's rounding (``chop.eval.agreement`` measures how far, against bf16's own).
     """
     get(tasks)  # an unknown task fails here, before any model loads
+    if mode not in ("exact", "fast"):
+        raise ValueError(f"--mode: '{mode}' is not one of ['exact', 'fast']")
     if output:
         check_output(output)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,13 +121,14 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
         clock.time("tokenise", encoder.encode_pairs, [r for t in chosen if t.kind in ("multiple_choice", "loglikelihood")
                                                       for doc in docs[t.name] for r in requests_of(t, doc)])
         net = loading.result()
-        scorer = Scorer(net, tokenizer, batch_size, share_contexts=share_contexts, encoder=encoder)
+        scorer = Scorer(net, tokenizer, batch_size, share_contexts=mode == "fast", encoder=encoder)
         results = clock.time("score", evaluate, net, tokenizer, tasks, limit=limit, data_dir=data_dir, scorer=scorer,
                              docs=docs)
     seconds = clock.total()
     print(table(results))
     print(f"{model}: {seconds:.1f} s end to end ({clock})")
-    out = {"model": model, "tasks": tasks, "limit": limit, "dtype": dtype, "device": device, "seconds": seconds,
+    out = {"model": model, "tasks": tasks, "limit": limit, "dtype": dtype, "device": device, "mode": mode,
+           "seconds": seconds,
            "phases": clock.phases, **to_json(results, samples)}
     if output:
         Path(output).write_text(json.dumps(out, indent=2))

@@ -96,7 +96,7 @@ def perplexity(model: Any, held_out: list[torch.Tensor], batch_size: int = 4) ->
 
 def run(model: str, out: str, pruning: Optional[Pruning] = None, chop: Optional[LayerChop] = None,
         calibration: Text = Text(), held_out: Text = Text(split="test", join="\n\n"), held_out_blocks: int = 16,
-        dtype: str = "float32", device: Optional[str] = None, tokenizer: Optional[str] = None,
+        held_out_len: Optional[int] = None, dtype: str = "float32", device: Optional[str] = None, tokenizer: Optional[str] = None,
         seed: int = 0) -> Optional[Report]:
     """Chop and/or prune ``model`` (``build_student``: layers first, then the pruner) and write it to ``out``.
 
@@ -109,7 +109,9 @@ def run(model: str, out: str, pruning: Optional[Pruning] = None, chop: Optional[
         calibration: text the method's statistics are gathered on (default: wikitext-2 train, as LLM Surgeon).
         held_out: text whose perplexity is logged after every shot (default: wikitext-2 test, its rows joined by
             blank lines as the standard WikiText-2 perplexity protocol does).
-        held_out_blocks: sequences of the calibration length in the held-out set (0: no held-out perplexity).
+        held_out_blocks: sequences in the held-out set (0: no held-out perplexity).
+        held_out_len: tokens per held-out sequence (default: the pruner's ``seq_len``, else the model's context);
+            give it to compare methods on the same blocks.
         dtype: the model's dtype while pruning (curvature and updates are float64 regardless).
         device: cuda or cpu (default: cuda when there is one; under torchrun, each rank's own GPU).
         tokenizer: when it differs from ``model``.
@@ -134,7 +136,8 @@ def run(model: str, out: str, pruning: Optional[Pruning] = None, chop: Optional[
     wanted = max(pruning.calibration_samples if pruning is not None else 0,
                  chop.calibration_batches * batch if chop is not None and chop.strategy == "block_influence" else 0)
     calib = blocks(calibration, tok, seq + 1, wanted, "train", "pruning.calibration_samples") if wanted else []
-    test = blocks(held_out, tok, seq + 1, held_out_blocks, "val", "held_out_blocks") if held_out_blocks else []
+    test = blocks(held_out, tok, (held_out_len or seq) + 1, held_out_blocks, "val", "held_out_blocks") \
+        if held_out_blocks else []
     data = Batches([torch.stack(calib[i:i + batch]) for i in range(0, len(calib), batch)])
     torch.manual_seed(seed)
     device = _join_ranks(device)

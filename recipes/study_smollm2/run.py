@@ -158,7 +158,9 @@ class Study:
         model = folder / "model"
         if not (model / "config.json").exists():
             chop("prune", "--model", self.spec["model"], "--out", str(model), "--pruning", json.dumps(settings),
-                 "--held_out_blocks", str(text.get("held_out_blocks", 0)), *text.get("extra_args", []))
+                 "--held_out_blocks", str(text.get("held_out_blocks", 0)),
+                 *(["--held_out_len", str(text["held_out_len"])] if "held_out_len" in text else []),
+                 *text.get("extra_args", []))
         out = folder / "eval.json"
         if not out.exists():
             ev = self.spec["eval"]

@@ -1,0 +1,38 @@
+"""The fast mode's agreement machinery (chop/eval/agreement.py): |Δ log-likelihood| from the float32 truth per task,
+against exact bf16's, on hand-made results and on a tiny model scored three ways by `chop eval`."""
+
+import pytest
+
+from chop.eval.agreement import compare, distance
+
+
+def result(lls, acc):
+    return {"results": {"piqa": {"acc": acc}}, "samples": {"piqa": [{"lls": pair} for pair in lls]}}
+
+
+def test_distances_are_the_per_choice_differences_and_the_accuracy_change():
+    truth = result([[-1.0, -2.0], [-3.0, -4.0]], 0.5)
+    other = result([[-1.5, -2.0], [-3.0, -4.25]], 1.0)
+    d = distance(truth, other, "piqa")
+    assert d == {"median": pytest.approx(0.125), "p99": pytest.approx(0.4925), "max": 0.5, "acc_diff": 0.5}
+    assert compare(truth, truth, other)["piqa"]["within"] and not compare(truth, other, truth)["piqa"]["within"]
+    with pytest.raises(ValueError, match="same --limit"):
+        distance(truth, result([[-1.0, -2.0]], 0.5), "piqa")
+
+
+def test_fast_mode_in_float32_is_within_what_bf16_moves_on_a_tiny_model(tmp_path, eval_model, eval_tokenizer):
+    from helpers import EVAL_FIX
+
+    from chop.eval.eval_cli import run
+
+    eval_model.save_pretrained(tmp_path / "m")
+    eval_tokenizer.save_pretrained(tmp_path / "m")
+    common = dict(model=str(tmp_path / "m"), tasks="piqa,copa,hellaswag", data_dir=str(EVAL_FIX), samples=True,
+                  device="cpu", batch_size=4)
+    truth = run(**common, dtype="float32")
+    bf16 = run(**common, dtype="bfloat16")
+    fast = run(**common, dtype="float32", mode="fast")
+    agree = compare(truth, fast, bf16)
+    assert set(agree) == {"piqa", "copa", "hellaswag"}
+    for task, a in agree.items():
+        assert a["within"] and a["fast"]["max"] < 1e-4 < a["bf16"]["median"], (task, a)
