@@ -15,18 +15,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from provenance import provenance  # noqa: E402
-
-from chop.models.loading import load_model  # noqa: E402
-from chop.pruning.layerchop import LayerChop, chop, num_params  # noqa: E402
-from chop.pruning.registry import pruner_from  # noqa: E402
+from chop.models.loading import load_model
+from chop.provenance import provenance
+from chop.pruning.layerchop import LayerChop, chop, num_params
+from chop.pruning.registry import pruner_from
 
 SHAPES = {
     "1.1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,

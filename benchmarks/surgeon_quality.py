@@ -16,18 +16,15 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from provenance import provenance  # noqa: E402
-
-from chop.models.loading import load_model, load_tokenizer  # noqa: E402
-from chop.pruning.prune_cli import Text, blocks, perplexity  # noqa: E402
-from chop.pruning.registry import pruner_from  # noqa: E402
+from chop.models.loading import load_model, load_tokenizer
+from chop.provenance import provenance
+from chop.pruning.prune_cli import Text, blocks, perplexity
+from chop.pruning.registry import pruner_from
 
 
 def arms(a: argparse.Namespace) -> dict[str, tuple[str, dict]]:

@@ -12,9 +12,7 @@ and the sha256 of its weights, data and split, seed, commit). A run cut off mid-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -30,22 +28,6 @@ ROOT = HERE.parents[1]
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def commit() -> str:
-    if os.environ.get("CHOP_COMMIT"):
-        return os.environ["CHOP_COMMIT"]
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return done.stdout.strip() or "unknown"
-
-
-def weights_sha256(model: str) -> str:
-    from chop.models.loading import resolve
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(resolve(model)).glob("*.safetensors")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def set_dotted(cfg: dict, key: str, value: Any) -> None:
@@ -188,7 +170,10 @@ class Study:
         from chop import assets
 
         data = self.base["data"]["init_args"]
-        return {"model": self.spec["model"], "weights_sha256": weights_sha256(self.spec["model"]),
+        from chop.models.loading import resolve
+        from chop.provenance import commit, weights_sha256
+
+        return {"model": self.spec["model"], "weights_sha256": weights_sha256(resolve(self.spec["model"])),
                 "recovery_data": data.get("train_files") or f"{data.get('path')} ({data.get('config_name')}, train)",
                 "offline": assets.hub_offline(), "offline_data": data.get("offline"), "seed": seed, "commit": commit()}
 

@@ -18,7 +18,7 @@ def test_every_result_records_its_provenance():
     for path in (ROOT / "benchmarks" / "results").glob("*.json"):
         prov = json.loads(path.read_text()).get("provenance")
         assert prov and prov["gpu"] and prov["commit"] and prov["model"] and prov["data"] and "weights_sha256" in prov, \
-            f"{path.name}: write results through benchmarks/provenance.py"
+            f"{path.name}: write results with chop.provenance"
 
 
 def test_every_name_a_benchmark_imports_from_chop_exists():

@@ -1,5 +1,5 @@
-"""What a benchmark's numbers were measured on, written into its JSON: the GPU, chop's commit, the model (path and the
-sha256 of its weights) and the data (dataset, split, hub or offline copy).
+"""What a result was measured on, written beside it (benchmarks' JSONs, the study's result.json): the GPU, chop's
+commit, the model (path and the sha256 of its weights) and the data (dataset, split, hub or offline copy).
 
 The device machine runs a copy of the working tree without git: pass the commit in ``CHOP_COMMIT``.
 """
@@ -20,9 +20,11 @@ def commit() -> str:
     if os.environ.get("CHOP_COMMIT"):
         return os.environ["CHOP_COMMIT"]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        repo = Path(__file__).resolve().parents[1]  # chop's checkout, wherever the script runs from
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=repo).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
+                               text=True, cwd=repo).stdout.strip()
         return head + ("+uncommitted" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
