@@ -1,14 +1,17 @@
 """How fast compressed models run: prefill latency and decode throughput (transformers ``generate``, KV cache) of a
 dense Llama and its LayerChop'd and structurally pruned versions, random init, bf16, on one GPU.
 
-    python benchmarks/inference_speed.py [--models 1.1b 7b] [--reps 3]
+    python benchmarks/inference_speed.py [--models 1.1b 7b] [--reps 3] [--kernels liger] [--breakdown]
 
 Rows per model: dense; LayerChop removing 25% and 50% of the layers (``output`` strategy); structured width pruning
 of 20% and 30% of the decoder linears, per-layer widths (the one-threshold choice, by magnitude: on random weights
 any criterion gives such shapes) and uniform widths. Prefill: one forward over batch x 2,048 tokens (batch 1 and 16).
 Decode: 256 new tokens after a 128-token prompt, greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over
-the batch. Medians of ``--reps`` after a warm-up; speed-ups against the dense row of the same run. Prints a table,
-writes inference_speed_<models>.json ($OUT, else benchmarks/results/) with its provenance.
+the batch. Medians of ``--reps`` after a warm-up; speed-ups against the dense row of the same run. ``--kernels liger``
+runs every model with chop's fused kernels (``model.kernels``: RMSNorm, rotary, SwiGLU). ``--breakdown`` adds, per
+row, where a batch-16 prefill spends its time by kind of module (CUDA events around each module, in a forward of
+its own; "other" is the forward's time outside them: embeddings, residual adds, masks). Prints a table, writes
+inference_speed_<models>[_liger].json ($OUT, else benchmarks/results/) with its provenance.
 """
 
 import argparse
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from chop.models.kernels import apply_kernels
 from chop.models.loading import load_model
 from chop.provenance import provenance
 from chop.pruning.layerchop import LayerChop, chop, num_params
@@ -78,14 +82,79 @@ def measure(model, reps: int) -> dict:
     return out
 
 
+def kind_of(name: str) -> str | None:
+    """The group a module's time is counted in (None: not timed on its own)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        return "attention linears"
+    if leaf == "self_attn":
+        return "attention"
+    if leaf in ("gate_proj", "up_proj", "down_proj"):
+        return "MLP linears"
+    if leaf == "mlp":
+        return "MLP"
+    if leaf.endswith("norm"):
+        return "norms"
+    if leaf == "lm_head":
+        return "LM head"
+    return None
+
+
+@torch.no_grad()
+def breakdown(model, batch: int = 16, reps: int = 3) -> dict:
+    """Milliseconds of a ``batch`` x 2,048-token prefill per kind of module (medians of ``reps``); ``attention`` and
+    ``MLP`` are what their modules spend outside their linears (rotary, SDPA; SiLU and product)."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, 2048), device=DEVICE)
+    events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+    started: dict[str, torch.cuda.Event] = {}  # modules of one kind do not nest: one open at a time
+
+    def pre(kind: str) -> None:
+        started[kind] = torch.cuda.Event(enable_timing=True)
+        started[kind].record()
+
+    def post(kind: str) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        events.append((kind, started.pop(kind), end))
+
+    handles = []
+    for name, module in model.named_modules():
+        kind = kind_of(name)
+        if kind is not None:
+            handles.append(module.register_forward_pre_hook(lambda _m, _a, kind=kind: pre(kind)))
+            handles.append(module.register_forward_hook(lambda _m, _a, _o, kind=kind: post(kind)))
+    runs = []
+    for _ in range(reps + 1):  # the first is a warm-up
+        events.clear()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(input_ids=ids, use_cache=False)
+        end.record()
+        torch.cuda.synchronize()
+        times: dict[str, float] = {}
+        for kind, s, e in events:
+            times[kind] = times.get(kind, 0.0) + s.elapsed_time(e)
+        times["attention"] = times.get("attention", 0.0) - times.get("attention linears", 0.0)
+        times["MLP"] = times.get("MLP", 0.0) - times.get("MLP linears", 0.0)
+        times["total"] = start.elapsed_time(end)
+        times["other"] = times["total"] - sum(v for k, v in times.items() if k != "total")
+        runs.append(times)
+    for h in handles:
+        h.remove()
+    return {k: statistics.median(r[k] for r in runs[1:]) for k in runs[1]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["1.1b", "7b"], choices=list(SHAPES))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--kernels", default="torch", choices=["torch", "liger"])
+    p.add_argument("--breakdown", action="store_true")
     a = p.parse_args()
     results = {"provenance": provenance(None, {"tokens": "random ids"}), "settings": vars(a), "runs": []}
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / f"inference_speed_{'_'.join(a.models)}.json"
+    tag = "_".join(a.models) + ("_liger" if a.kernels == "liger" else "")
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / f"inference_speed_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'model':<6}{'variant':<26}{'params':>8}{'prefill b1':>11}{'b16':>9}{'decode b1':>11}{'b32':>9}  (ms; tok/s)")
     for shape in a.models:
@@ -98,7 +167,11 @@ def main() -> None:
                 chop(model, LayerChop(**todo["chop"]))
             if "pruning" in todo:
                 pruner_from(todo["pruning"]).prune(model, [])
+            apply_kernels(model, a.kernels)
             run = {"model": shape, "variant": name, "params": num_params(model), **measure(model, a.reps)}
+            if a.breakdown:
+                run["prefill_b16_breakdown_ms"] = breakdown(model, 16, a.reps)
+                print("      " + ", ".join(f"{k} {v:.1f}" for k, v in run["prefill_b16_breakdown_ms"].items()))
             dense = dense or run  # the dense row runs first (when asked for): the ratios are against it
             run.update({f"{k}_speedup": (dense[k] / run[k] if k.endswith("_ms") else run[k] / dense[k])
                         for k in run if k.endswith(("_ms", "_tok_s"))})

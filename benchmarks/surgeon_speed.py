@@ -3,12 +3,16 @@
 time extrapolated to Llama-2-7B at the paper's 40 shots.
 
     python benchmarks/surgeon_speed.py [--samples 128] [--seq 2048] [--sparsity 0.3] [--blocks_per_pass K]
+    python benchmarks/surgeon_speed.py --llama2_7b --blocks_per_pass 8 --shots 1    # measured at 7B, no extrapolation
 
 Measured parts: forward+backward over the calibration set alone (``fb``), the same with the factor hooks
 (``collect``; hooks = collect - fb), inverting the factors, one shot's selection and updates. Extrapolation: each part
 scaled by its complexity (fb: parameters x tokens; hooks: tokens x sum of factor sizes; inverses and updates: sum of
 cubed factor dimensions), times the number of shots. Prints a table, writes surgeon_speed.json ($OUT, else
-benchmarks/results/).
+benchmarks/results/). ``--llama2_7b`` measures the Llama-2-7B shape itself (hidden 4096, MLP 11008, 32 layers, 32
+heads): its float64 factors (261 GiB) cannot all be resident, so only the blockwise run is timed (``--shots`` shots
+with the curvature of ``--blocks_per_pass`` blocks at a time), with one plain forward+backward for scale; the 40-shot
+figure is then the measured time per shot times 40.
 """
 
 import argparse
@@ -40,7 +44,13 @@ def main() -> None:
     p.add_argument("--kv_heads", type=int, default=4)
     p.add_argument("--blocks_per_pass", type=int, default=0,
                    help="also run one whole shot with the curvature gathered this many blocks at a time")
+    p.add_argument("--llama2_7b", action="store_true", help="the Llama-2-7B shape, blockwise shots only")
+    p.add_argument("--shots", type=int, default=1, help="shots of the blockwise run")
     args = p.parse_args()
+    if args.llama2_7b:
+        if not args.blocks_per_pass:
+            raise SystemExit("--llama2_7b: give --blocks_per_pass (all 32 blocks' factors take 261 GiB)")
+        args.hidden, args.mlp, args.layers, args.kv_heads = 4096, 11008, 32, 32
 
     from chop.models.loading import load_model
     from chop.pruning import kfac
@@ -78,6 +88,8 @@ def main() -> None:
 
     timed(lambda: plain())  # warm-up
     _, fb = timed(plain)
+    if args.llama2_7b:
+        return measured_7b(args, model, batches, n_params, fb, timed)
     torch.cuda.reset_peak_memory_stats()
     factors, collect = timed(lambda: kfac.collect(model, layers, batches))
     _, invert = timed(lambda: [f.invert(0.01, 0.01) for f in factors.values()])
@@ -130,6 +142,35 @@ def main() -> None:
                                "llama2_7b_factors_gib": sq(big) * 2 * 8 / 2**30,
                                **({"blockwise_shot_s": blockwise, "blockwise_peak_gib": blockwise_peak}
                                   if args.blocks_per_pass else {})}, indent=2))
+
+
+def measured_7b(args, model, batches, n_params: int, fb: float, timed) -> None:
+    """Surgeon on the Llama-2-7B shape itself: ``--shots`` shots, ``--blocks_per_pass`` blocks' curvature at a time."""
+    from chop.provenance import provenance
+    from chop.pruning.surgeon import Surgeon
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    surgeon = Surgeon(sparsity=args.sparsity, shots=args.shots, blocks_per_pass=args.blocks_per_pass)
+    report, total = timed(lambda: surgeon.prune(model, batches))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    per_shot = total / args.shots
+    kept = sum(p.numel() for p in model.parameters())
+    rows = [("model parameters", f"{n_params / 1e9:.3f}B"), ("calibration tokens", f"{args.samples * args.seq:,}"),
+            ("forward+backward over them, no hooks (s)", f"{fb:.1f}"),
+            (f"Surgeon, {args.shots} shot(s) to {args.sparsity:.0%}, {args.blocks_per_pass} blocks per pass (s)", f"{total:.1f}"),
+            ("per shot (s)", f"{per_shot:.1f}"), ("peak GPU memory (GiB)", f"{peak:.1f}"),
+            ("parameters after", f"{kept / 1e9:.3f}B"), ("40 shots, this per-shot time (h)", f"{40 * per_shot / 3600:.2f}")]
+    print(f"\nLLM Surgeon, Llama-2-7B shape, on {torch.cuda.get_device_name()}")
+    for k, v in rows:
+        print(f"  {k:<70}{v:>12}")
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "surgeon_speed_7b.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"provenance": provenance(None, {"tokens": "random ids", "samples": args.samples,
+                                                               "seq": args.seq}),
+                               "args": vars(args), "params": n_params, "params_after": kept, "fb_s": fb,
+                               "surgeon_s": total, "per_shot_s": per_shot, "peak_gib": peak,
+                               "projected_40_shots_h": 40 * per_shot / 3600}, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,16 +3,22 @@
     python benchmarks/train_throughput.py --tokenizer DIR --train_files FILE [--steps 200] [--variants ...]
 
 The student is a random-init Llama of about 1.1B parameters (hidden 2048, 22 layers, 32 heads, 4 KV heads,
-intermediate 5632, vocab 32000), sequence 2048, batch 8, bf16-mixed (fp32 weights, bf16 autocast), AdamW.
-Variants: plain / plain+compile (a hand-written loop over the HF model with random tokens), chop / chop+compile
-(Lightning Trainer + ContinuedPretraining + StreamingDataModule reading and tokenizing FILE with 4 workers).
-Tokens/s are timed from step `--warmup` to the last step (compilation excluded). MFU uses 6N + 12*L*d*s FLOPs per
-token over a 989 TFLOP/s peak. Prints a table and writes benchmarks/results/train_throughput.json.
+intermediate 5632, vocab 32000), sequence 2048, bf16-mixed (fp32 weights, bf16 autocast), AdamW.
+A variant is `plain` (a hand-written loop over the HF model with random tokens) or `chop` (Lightning Trainer +
+ContinuedPretraining + StreamingDataModule reading and tokenizing FILE with 4 workers), then any of `+compile`
+(torch.compile: the whole model for plain, the body for chop's `model.compile`), `+liger` (chop's
+`model.kernels: liger`) and `@B` (micro-batch B, default --batch). Each variant runs in its own process (liger
+patches transformers' modules for the whole process). Tokens/s are timed from step `--warmup` to the last step
+(compilation excluded). MFU uses 6N + 12*L*d*s FLOPs per token over a 989 TFLOP/s peak (dense bf16, H100/H200).
+Prints a table and writes train_throughput.json ($OUT, else benchmarks/results/) with its provenance.
 """
 
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +72,7 @@ def step_timer(warmup: int):
     return Timer()
 
 
-def chop_fit(args, compile_: bool) -> float:
+def chop_fit(args, compile_: bool, kernels: str = "torch") -> float:
     import lightning as L
 
     from chop.training.pretraining_data import StreamingDataModule
@@ -75,7 +81,7 @@ def chop_fit(args, compile_: bool) -> float:
 
     timer = step_timer(args.warmup)
     model = ContinuedPretraining(tokenizer=args.tokenizer, config=LLAMA_1B, dtype="float32", compile=compile_,
-                                 optim=Optim(lr=3e-4, warmup_steps=10), export_on_end=False)
+                                 kernels=kernels, optim=Optim(lr=3e-4, warmup_steps=10), export_on_end=False)
     data = StreamingDataModule(tokenizer=args.tokenizer, train_files=[args.train_files], seq_len=args.seq,
                                batch_size=args.batch, num_workers=4, shuffle_buffer=1000)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=args.steps, logger=False,
@@ -83,6 +89,20 @@ def chop_fit(args, compile_: bool) -> float:
                         gradient_clip_val=1.0, callbacks=[timer], enable_model_summary=False)
     trainer.fit(model, data)
     return (args.steps - args.warmup) * args.batch * args.seq / (timer.t1 - timer.t0)
+
+
+def variant(args, name: str) -> dict:
+    """One variant (``plain|chop[+compile][+liger][@batch]``): its tokens/s and peak memory."""
+    kind, _, batch = name.partition("@")
+    args.batch = int(batch) if batch else args.batch
+    parts = kind.split("+")
+    if parts[0] == "plain":
+        if "liger" in parts:
+            raise SystemExit(f"--variants: '{name}': +liger is chop's switch (model.kernels); the plain loop has none")
+        tps = plain(args, compile_="compile" in parts)
+    else:
+        tps = chop_fit(args, compile_="compile" in parts, kernels="liger" if "liger" in parts else "torch")
+    return {"tokens_per_s": tps, "batch": args.batch, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def main() -> None:
@@ -93,23 +113,48 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--variants", default="plain,chop,plain+compile,chop+compile")
+    p.add_argument("--variants", default="plain+compile,chop,chop+compile,chop+liger,chop+liger@16,chop+liger+compile@16")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this variant and write its result to --result
+    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.one:
+        Path(args.result).write_text(json.dumps(variant(args, args.one)))
+        return
     from chop.models.loading import load_model
+    from chop.provenance import provenance
     from chop.training.flops import ModelSize
 
     with torch.device("meta"):
-        flops = ModelSize.of(load_model(config=LLAMA_1B)).train_flops(args.seq)
-    n = sum(p.numel() for p in load_model(config=LLAMA_1B).parameters())
-    results = {"gpu": torch.cuda.get_device_name(), "params": n, "flops_per_token": flops, "batch": args.batch,
-               "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "variants": {}}
-    print(f"GPU {results['gpu']}, {n / 1e9:.3f}B parameters, {flops / 1e9:.2f} GFLOP/token")
+        model = load_model(config=LLAMA_1B)
+    flops, n = ModelSize.of(model).train_flops(args.seq), sum(p.numel() for p in model.parameters())
+    results = {"provenance": provenance(None, {"train_files": args.train_files, "note": "tokens of FILE for chop, "
+                                                "random ids for plain"}),
+               "params": n, "flops_per_token": flops, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+               "peak_flops": PEAK, "mfu": "tokens/s x flops_per_token / peak_flops", "variants": {}}
+    print(f"GPU {results['provenance']['gpu']}, {n / 1e9:.3f}B parameters, {flops / 1e9:.2f} GFLOP/token, "
+          f"MFU over {PEAK / 1e12:.0f} TFLOP/s")
+    print(f"{'variant':<26}{'batch':>6}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
     for v in args.variants.split(","):
-        fn = plain if v.startswith("plain") else chop_fit
-        tps = fn(args, compile_=v.endswith("+compile"))
-        results["variants"][v] = {"tokens_per_s": tps, "mfu": tps * flops / PEAK}
-        print(f"{v:<16}{tps:>12,.0f} tokens/s   MFU {tps * flops / PEAK:6.1%}", flush=True)
-        torch.cuda.empty_cache()
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, "--one", v, "--result", f.name, "--tokenizer", args.tokenizer,
+                   "--train_files", args.train_files, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--batch", str(args.batch), "--seq", str(args.seq)]
+            done = subprocess.run(cmd, stdout=sys.stderr)
+            if done.returncode:
+                results["variants"][v] = {"failed": done.returncode}
+                print(f"{v:<26}failed ({done.returncode}; its output is above)", flush=True)
+                continue
+            r = json.loads(Path(f.name).read_text())
+        r["mfu"] = r["tokens_per_s"] * flops / PEAK
+        results["variants"][v] = r
+        print(f"{v:<26}{r['batch']:>6}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}{r['peak_gib']:>10.1f}", flush=True)
+    base = results["variants"].get("plain+compile", {}).get("tokens_per_s")
+    if base:
+        for v, r in results["variants"].items():
+            if "tokens_per_s" in r:
+                r["vs_plain_compiled"] = r["tokens_per_s"] / base
+        print("vs plain+compile: " + ", ".join(f"{v} {r['vs_plain_compiled']:.2f}x" for v, r in
+                                               results["variants"].items() if "vs_plain_compiled" in r))
     out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "train_throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

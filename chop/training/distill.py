@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from chop.models.kernels import apply_kernels
 from chop.models.loading import DTYPES, load_config, load_model, load_tokenizer
 from chop.models.registry import decoder_layers, num_layers, output_head
 from chop.training.flops import ModelSize
@@ -164,6 +165,7 @@ class Distillation(ContinuedPretraining):
         self.teacher = teacher.requires_grad_(False)
         self.teacher.eval()
         self.teacher.config.use_cache = False
+        apply_kernels(self.teacher, self.kernels)
         self.teacher_size = ModelSize.of(self.teacher)
         self._bind_teacher()
         self._hook_layers()

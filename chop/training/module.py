@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from chop.models.checkpoint import CKPT_KEY, config_differences, export_hf, read_checkpoint_meta
+from chop.models.kernels import Kernels, apply_kernels, check_device, check_kernels
 from chop.models.loading import DTYPES, from_config, load_config, load_model
 from chop.models.registry import num_layers, output_head
 from chop.pruning.layerchop import ChopPlan, LayerChop
@@ -45,6 +46,8 @@ class CausalLMModule(L.LightningModule):
             through training (the mask is kept).
         optim: optimizer and learning-rate schedule.
         compile: run the forward through ``torch.compile``.
+        kernels: ``torch`` (the model's own modules) or ``liger``: liger-kernel's fused RMSNorm, rotary embeddings,
+            SwiGLU and, for the LM loss, fused linear cross-entropy (CUDA GPUs; ``chop.models.kernels``).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         export_on_end: at the end of ``fit``, write the model and tokenizer as a Hugging Face directory
             ``hf/`` beside the checkpoints.
@@ -63,6 +66,7 @@ class CausalLMModule(L.LightningModule):
         pruning: Optional[Pruning] = None,
         optim: optim.Optim = optim.Optim(),
         compile: bool = False,
+        kernels: Kernels = "torch",
         gradient_checkpointing: bool = False,
         export_on_end: bool = True,
         max_nonfinite_steps: int = 3,
@@ -84,6 +88,7 @@ class CausalLMModule(L.LightningModule):
         self.name, self.config_overrides, self.dtype_name, self.attn = name, config, dtype, attn_implementation
         self.chop_spec, self.optim_cfg, self.tokenizer_name = chop, optim, tokenizer or name
         self.compile_forward, self.gradient_checkpointing, self.export_on_end = compile, gradient_checkpointing, export_on_end
+        self.kernels = kernels
         self.max_nonfinite_steps = max_nonfinite_steps
         self.resume_checkpoint: Optional[str] = None  # set by `chop fit --ckpt_path`: the architecture comes from it
         self._nonfinite_steps = 0
@@ -98,6 +103,8 @@ class CausalLMModule(L.LightningModule):
         self.pruning = pruning
         if pruning is not None:
             pruning.check(self.source_config())
+        if kernels != "torch":
+            check_kernels(kernels, self.source_config())
 
     @property
     def source(self) -> str:
@@ -130,6 +137,7 @@ class CausalLMModule(L.LightningModule):
             student = build_student(self.load_source, self.chop_spec, self.pruning, data)
             self.model, self.plan, self.pruning_report = student.model, student.plan, student.report
         self.model.config.use_cache = False
+        apply_kernels(self.model, self.kernels)  # after pruning: its statistics are gathered through plain modules
         self.model_size = ModelSize.of(self.model)
         self.model.train()  # from_pretrained leaves it in eval mode
         if self.gradient_checkpointing:
@@ -154,6 +162,7 @@ class CausalLMModule(L.LightningModule):
             self.trainer.strategy.kwargs.setdefault("use_orig_params", True)
 
     def setup(self, stage: str) -> None:
+        check_device(self.kernels, self.trainer.strategy.root_device)
         self.check_data(self.trainer.datamodule)
 
     def check_data(self, datamodule: Any) -> None:

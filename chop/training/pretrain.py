@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 from torchmetrics import SumMetric
 
+from chop.models.kernels import fused_cross_entropy
 from chop.models.perplexity import token_perplexity
 from chop.training.losses import LogitLoss, chunk_for, head_losses
 from chop.training.module import CausalLMModule
@@ -33,14 +34,27 @@ class ContinuedPretraining(CausalLMModule):
         self.logit_chunk = logit_chunk
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()  # summed over batches and ranks
 
+    def configure_model(self) -> None:
+        super().configure_model()
+        # What liger's fused cross-entropy can compute: a linear head, optionally soft-capped (Gemma); not a scaled
+        # one (Cohere), which keeps the chunked path.
+        text = self.model.config.get_text_config()
+        self._softcap = getattr(text, "final_logit_softcapping", None)
+        self._plain_head = isinstance(self.model.get_output_embeddings(), torch.nn.Linear) and \
+            getattr(self.model, "logit_scale", 1) in (None, 1)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def logit_losses(self, hidden: torch.Tensor, targets: torch.Tensor, loss: LogitLoss = LogitLoss(),
                      teacher_hidden: Optional[torch.Tensor] = None,
                      teacher_head: Optional[Callable] = None) -> dict[str, torch.Tensor]:
-        """``head_losses`` through this model's LM head, in chunks of ``logit_chunk`` tokens."""
+        """``head_losses`` through this model's LM head, in chunks of ``logit_chunk`` tokens; with ``kernels: liger``,
+        a training step's cross-entropy alone (no teacher's logits) in liger's fused linear cross-entropy instead."""
         head = self.model.get_output_embeddings()
+        if self.kernels == "liger" and teacher_hidden is None and torch.is_grad_enabled() and self._plain_head:
+            ce = fused_cross_entropy(hidden, targets, head, self._softcap)
+            return {"loss": loss.lm * ce, "lm": ce.detach(), "distill": torch.zeros_like(ce.detach())}
         return head_losses(hidden, targets, self._head, loss, teacher_hidden, teacher_head,
                            params=tuple(p for p in head.parameters() if p.requires_grad), chunk=self.logit_chunk
                            if self.logit_chunk is not None else chunk_for(head.weight.shape[0]))

@@ -1,0 +1,68 @@
+"""Fused kernels for training: ``torch`` (the model's own modules) or ``liger`` (liger-kernel's Triton kernels).
+
+``liger`` swaps, in a loaded model, RMSNorm, rotary embeddings and the SwiGLU MLP for liger-kernel's fused kernels,
+and lets the LM loss use its fused linear cross-entropy (``fused_cross_entropy``): the head and the loss in one
+kernel per chunk of tokens, no ``[tokens, vocab]`` logits. The same arithmetic to bf16 rounding
+(``tests/unit/models/test_kernels.py``, on a GPU). Triton kernels run on CUDA GPUs only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Literal, Optional
+
+import torch
+
+Kernels = Literal["torch", "liger"]
+
+
+def check_kernels(kernels: str, config: Any, field: str = "model.kernels") -> None:
+    """Refuse, before any weights load, kernels that cannot run here: not installed, or not written for the model."""
+    if kernels == "torch":
+        return
+    if kernels != "liger":
+        raise ValueError(f"{field}: '{kernels}' is not one of ['torch', 'liger']")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError(f"{field}: 'liger' needs the liger-kernel package, which is not installed: "
+                         f"`pip install liger-kernel` (Triton, CUDA GPUs), or set {field}: torch")
+    model_type = config.get_text_config().model_type
+    supported = _liger_models()
+    if model_type not in supported:
+        raise ValueError(f"{field}: liger-kernel has no kernels for model_type '{model_type}' (it has them for "
+                         f"{sorted(supported)}); set {field}: torch")
+
+
+def check_device(kernels: str, device: torch.device, field: str = "model.kernels") -> None:
+    """Refuse liger's kernels on anything but a CUDA device, before the model loads."""
+    if kernels == "liger" and device.type != "cuda":
+        raise ValueError(f"{field}: liger-kernel's Triton kernels run on CUDA GPUs only, and this run's device is "
+                         f"'{device.type}'; set {field}: torch, or train on a GPU (trainer.accelerator: gpu)")
+
+
+def apply_kernels(model: Any, kernels: str) -> None:
+    """Swap ``model``'s RMSNorm, rotary embeddings and MLP for fused kernels, in place (the weights stay; state dict
+    keys and exports are unchanged). liger patches the rotary function of the model's transformers module, so other
+    models of the same architecture in this process (a teacher) get it too: the same arithmetic."""
+    if kernels == "torch":
+        return
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    # The loss is chop's (fused_cross_entropy below), not a patched forward's.
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def fused_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear,
+                        softcap: Optional[float] = None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of ``head(hidden)`` against ``targets`` in liger's fused linear cross-entropy kernel (float32
+    accumulation; the logits never exist whole)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="mean", softcap=softcap)
+    return loss(head.weight, hidden.flatten(0, -2), targets.flatten(), head.bias)
+
+
+def _liger_models() -> set[str]:
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
