@@ -68,13 +68,13 @@ def timed(fn, reps: int) -> float:
 
 
 @torch.no_grad()
-def measure(model, reps: int) -> dict:
+def measure(model, reps: int, decode: bool = True) -> dict:
     vocab = model.config.vocab_size
     out = {}
     for batch in (1, 16):
         ids = torch.randint(0, vocab, (batch, 2048), device=DEVICE)
         out[f"prefill_b{batch}_ms"] = 1e3 * timed(lambda: model(input_ids=ids, use_cache=False), reps)
-    for batch in (1, 32):
+    for batch in (1, 32) if decode else ():
         prompt = torch.randint(0, vocab, (batch, 128), device=DEVICE)
         s = timed(lambda: model.generate(prompt, max_new_tokens=256, min_new_tokens=256, do_sample=False,
                                          pad_token_id=0), reps)
@@ -151,6 +151,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--kernels", default="torch", choices=["torch", "liger"])
     p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--no_decode", action="store_true", help="prefill only")
     a = p.parse_args()
     results = {"provenance": provenance(None, {"tokens": "random ids"}), "settings": vars(a), "runs": []}
     tag = "_".join(a.models) + ("_liger" if a.kernels == "liger" else "")
@@ -168,7 +169,7 @@ def main() -> None:
             if "pruning" in todo:
                 pruner_from(todo["pruning"]).prune(model, [])
             apply_kernels(model, a.kernels)
-            run = {"model": shape, "variant": name, "params": num_params(model), **measure(model, a.reps)}
+            run = {"model": shape, "variant": name, "params": num_params(model), **measure(model, a.reps, not a.no_decode)}
             if a.breakdown:
                 run["prefill_b16_breakdown_ms"] = breakdown(model, 16, a.reps)
                 print("      " + ", ".join(f"{k} {v:.1f}" for k, v in run["prefill_b16_breakdown_ms"].items()))
@@ -176,9 +177,11 @@ def main() -> None:
             run.update({f"{k}_speedup": (dense[k] / run[k] if k.endswith("_ms") else run[k] / dense[k])
                         for k in run if k.endswith(("_ms", "_tok_s"))})
             results["runs"].append(run)
+            decode = (f"{run['decode_b1_tok_s']:>11.1f}{run['decode_b32_tok_s']:>9.1f}   speed-up prefill b16 "
+                      f"{run['prefill_b16_ms_speedup']:.2f}x, decode b32 {run['decode_b32_tok_s_speedup']:.2f}x"
+                      if not a.no_decode else f"{'-':>11}{'-':>9}   speed-up prefill b16 {run['prefill_b16_ms_speedup']:.2f}x")
             print(f"{shape:<6}{name:<26}{run['params'] / 1e9:>7.2f}B{run['prefill_b1_ms']:>11.1f}{run['prefill_b16_ms']:>9.1f}"
-                  f"{run['decode_b1_tok_s']:>11.1f}{run['decode_b32_tok_s']:>9.1f}   speed-up prefill b16 "
-                  f"{run['prefill_b16_ms_speedup']:.2f}x, decode b32 {run['decode_b32_tok_s_speedup']:.2f}x", flush=True)
+                  + decode, flush=True)
             out.write_text(json.dumps(results, indent=2))
             del model
             torch.cuda.empty_cache() if DEVICE == "cuda" else None
