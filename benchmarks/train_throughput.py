@@ -120,6 +120,11 @@ def main() -> None:
     if args.one:
         Path(args.result).write_text(json.dumps(variant(args, args.one)))
         return
+    from transformers import AutoTokenizer
+
+    if len(AutoTokenizer.from_pretrained(args.tokenizer)) > LLAMA_1B["vocab_size"]:
+        raise SystemExit(f"--tokenizer: {args.tokenizer} has more than {LLAMA_1B['vocab_size']} tokens, the model's "
+                         f"vocabulary; make one with benchmarks/make_tokenizer.py --vocab {LLAMA_1B['vocab_size']}")
     from chop.models.loading import load_model
     from chop.provenance import provenance
     from chop.training.flops import ModelSize
