@@ -171,8 +171,8 @@ def main() -> None:
             apply_kernels(model, a.kernels)
             run = {"model": shape, "variant": name, "params": num_params(model), **measure(model, a.reps, not a.no_decode)}
             if a.breakdown:
-                run["prefill_b16_breakdown_ms"] = breakdown(model, 16, a.reps)
-                print("      " + ", ".join(f"{k} {v:.1f}" for k, v in run["prefill_b16_breakdown_ms"].items()))
+                run["breakdown_prefill_b16"] = breakdown(model, 16, a.reps)
+                print("      " + ", ".join(f"{k} {v:.1f}" for k, v in run["breakdown_prefill_b16"].items()))
             dense = dense or run  # the dense row runs first (when asked for): the ratios are against it
             run.update({f"{k}_speedup": (dense[k] / run[k] if k.endswith("_ms") else run[k] / dense[k])
                         for k in run if k.endswith(("_ms", "_tok_s"))})
