@@ -22,8 +22,21 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def _flat(row: dict) -> dict:
+    """A row with its dicts of numbers spread into columns (``breakdown.norms``)."""
+    out: dict = {}
+    for k, v in row.items():
+        if isinstance(v, dict) and all(not isinstance(x, (dict, list)) for x in v.values()):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
 def _table(rows: list[dict]) -> list[str]:
-    keys = [k for k in rows[0] if all(not isinstance(r.get(k), (dict, list)) for r in rows)]
+    rows = [_flat(r) for r in rows]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = [k for k in keys if all(not isinstance(r.get(k), (dict, list)) for r in rows)]
     out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     out += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in rows]
     return out
@@ -48,6 +61,9 @@ def section(path: Path) -> list[str]:
                      + f". The script that wrote it: `benchmarks/{script_of(path)}`.")
     lines.append("")
     tables = {k: v for k, v in result.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+    # A dict of named rows (variants, tasks): one row each, the name first.
+    tables.update({k: [{"name": n, **r} for n, r in v.items()] for k, v in result.items()
+                   if isinstance(v, dict) and v and k != "provenance" and all(isinstance(r, dict) for r in v.values())})
     scalars = {k: v for k, v in result.items() if not isinstance(v, (dict, list)) and k not in KNOWN}
     if scalars:
         lines += _table([scalars]) + [""]
