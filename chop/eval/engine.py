@@ -16,12 +16,15 @@ kernels, so bf16 numbers then differ from lm-eval's by bf16 rounding (float32 on
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from itertools import chain
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -39,6 +42,14 @@ HEAD_CHUNK = 4096  # continuation positions whose logits are formed at once
 # For rows with segment masks (share_contexts): cuDNN's attention would build a plan for every new mask shape.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MAX_BATCH_TOKENS = 2**17  # larger batches gain no speed and, sorted by length, carry more padding
+CACHE_VERSION = 1  # of Encoder's rules: a change to how pairs are encoded must bump it (old caches then go unread)
+
+
+def token_cache() -> Path:
+    """Where encoded requests are kept between processes: ``cache/tokens`` in chop's home (``CHOP_HOME``)."""
+    from chop import assets
+
+    return assets.home() / "cache" / "tokens"
 
 
 def max_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -56,13 +67,46 @@ class Encoder:
 
     ``threads``: encode batches in the tokenizer's threads even where ``TOKENIZERS_PARALLELISM=false`` (which many
     set to silence the warning after a fork) would make them serial; for a process that forks no workers afterwards
-    (``chop eval``), where it costs half the tokenisation time on 2 cores and more on more."""
+    (``chop eval``), where it costs half the tokenisation time on 2 cores and more on more. ``cache_dir``: keep the
+    encoded pairs on disk between processes, one file per tokenizer (``save``); a pickle chop itself wrote, in chop's
+    home (``chop.assets.home()/cache/tokens``)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, threads: bool = False) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, threads: bool = False,
+                 cache_dir: Optional[Path] = None) -> None:
         self.tokenizer, self.threads = tokenizer, threads
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._prefix_text = tokenizer.decode(self.prefix_id)
         self._pairs: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self._cache = self._cache_file(cache_dir) if cache_dir is not None else None
+        if self._cache is not None and self._cache.exists():
+            try:
+                with open(self._cache, "rb") as f:
+                    self._pairs.update(pickle.load(f))
+            except (OSError, EOFError, pickle.UnpicklingError) as e:  # a damaged cache is rebuilt, never trusted
+                log.warning("token cache %s unreadable (%s): tokenising afresh", self._cache, e)
+        self._cached = len(self._pairs)
+
+    def _cache_file(self, cache_dir: Path) -> Optional[Path]:
+        """The cache of this tokenizer's pairs: named by a hash of everything that decides its tokens (the fast
+        tokenizer's whole definition and the prefix token); None for a tokenizer without one (slow tokenizers)."""
+        rust = getattr(self.tokenizer, "backend_tokenizer", None)
+        if rust is None:
+            return None
+        key = hashlib.sha256(f"{CACHE_VERSION}\0{type(self.tokenizer).__name__}\0{self.prefix_id}\0{rust.to_str()}"
+                             .encode())
+        return Path(cache_dir) / f"{key.hexdigest()[:32]}.pkl"
+
+    def save(self) -> None:
+        """Write the pairs encoded so far to the cache (when there is one and it gained any), atomically: the next
+        process with this tokenizer then tokenises only what it has not seen (lm-eval's ``--cache_requests``)."""
+        if self._cache is None or len(self._pairs) == self._cached:
+            return
+        self._cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._cache.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(self._pairs, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self._cache)
+        self._cached = len(self._pairs)
 
     def encode(self, text: str) -> list[int]:
         # The tokenizer's own special tokens, except when the text already starts with the prefix token.
@@ -77,6 +121,8 @@ class Encoder:
     def encode_pairs(self, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """``encode_pair`` of many requests; each distinct text is encoded once, in batches (the tokenizer's threads)."""
         new = list(dict.fromkeys(r for r in requests if r not in self._pairs))
+        if not new:  # all encoded before (in this process, or in the cache)
+            return [self._pairs[r] for r in requests]
         split = []
         for context, continuation in new:
             n_spaces = len(context) - len(context.rstrip())

@@ -13,7 +13,7 @@ import torch
 from jsonargparse import ArgumentParser
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from chop.eval.engine import Encoder, Scorer
+from chop.eval.engine import Encoder, Scorer, token_cache
 from chop.eval.suite import evaluate, no_gc, requests_of, table, to_json
 from chop.eval.tasks import get, load_docs
 
@@ -113,13 +113,14 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     clock = Clock()
     tokenizer, chosen = tokenizer_of(model), get(tasks)
-    encoder = Encoder(tokenizer, threads=True)  # this process forks nothing after it
+    encoder = Encoder(tokenizer, threads=True, cache_dir=token_cache())  # this process forks nothing after it
     with no_gc(), ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
         loading = pool.submit(clock.time, "load model", load, model, dtype, device)
         docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)
                                                      for t in chosen if t.kind != "blocks"})
         clock.time("tokenise", encoder.encode_pairs, [r for t in chosen if t.kind in ("multiple_choice", "loglikelihood")
                                                       for doc in docs[t.name] for r in requests_of(t, doc)])
+        encoder.save()
         net = loading.result()
         scorer = Scorer(net, tokenizer, batch_size, share_contexts=mode == "fast", encoder=encoder)
         results = clock.time("score", evaluate, net, tokenizer, tasks, limit=limit, data_dir=data_dir, scorer=scorer,

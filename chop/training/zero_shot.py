@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from chop.eval.engine import Encoder, Scorer
+from chop.eval.engine import Encoder, Scorer, token_cache
 from chop.eval.suite import average, block_docs, evaluate, to_json
 from chop.eval.tasks import Doc, get, load_docs
 
@@ -55,7 +55,8 @@ class ZeroShotEvalCallback(Callback):
             from chop.models.loading import load_tokenizer
 
             self.tokenizer = load_tokenizer(pl_module.tokenizer_name)
-            self.encoder = Encoder(self.tokenizer)  # keeps each request's tokens from one evaluation to the next
+            # Keeps each request's tokens from one evaluation to the next, and (on disk) from one run to the next.
+            self.encoder = Encoder(self.tokenizer, cache_dir=token_cache())
             self.docs = {t.name: load_docs(t, self.data_dir, self.limit) for t in get(self.tasks) if t.kind != "blocks"}
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -96,6 +97,7 @@ class ZeroShotEvalCallback(Callback):
         if avg is not None:
             metrics["eval/average"] = avg
         if trainer.is_global_zero:
+            self.encoder.save()
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
             self._write(trainer, {"step": step, "tasks": self.tasks, "limit": self.limit, **to_json(results)})

@@ -177,3 +177,27 @@ def test_bf16_scores_are_lm_eval_s_bit_for_bit(eval_tokenizer):
     want = [lm_eval_reference(model, scorer, c, x) for c, x in requests]
     assert got == want
     assert len({ll for ll, _ in got}) > 40  # not a degenerate model
+
+
+def test_encoded_requests_are_cached_on_disk_per_tokenizer(eval_tokenizer, tmp_path, monkeypatch, caplog):
+    """A second process with the same tokenizer reads the pairs instead of tokenising; a damaged cache is rebuilt;
+    another tokenizer (here: another prefix token) gets its own file."""
+    from chop.eval.engine import Encoder
+
+    pairs = [("Question: is it? Answer:", " yes"), ("Question: is it? Answer:", " no"), ("", "hello world")]
+    first = Encoder(eval_tokenizer, cache_dir=tmp_path)
+    want = first.encode_pairs(pairs)
+    first.save()
+    assert len(list(tmp_path.glob("*.pkl"))) == 1
+    second = Encoder(eval_tokenizer, cache_dir=tmp_path)
+    monkeypatch.setattr(second, "_encode_many", lambda texts: pytest.fail(f"tokenised again: {texts}"))
+    monkeypatch.setattr(second, "encode", lambda text: pytest.fail(f"tokenised again: {text}"))
+    assert second.encode_pairs(pairs) == want
+    monkeypatch.undo()
+
+    next(tmp_path.glob("*.pkl")).write_bytes(b"not a pickle")
+    third = Encoder(eval_tokenizer, cache_dir=tmp_path)
+    assert "unreadable" in caplog.text and third.encode_pairs(pairs) == want
+    other = Encoder(eval_tokenizer, cache_dir=tmp_path)
+    other.prefix_id = -1  # what decides the tokens differs: another file
+    assert other._cache_file(tmp_path) != third._cache_file(tmp_path)
