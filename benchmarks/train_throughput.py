@@ -7,7 +7,7 @@ intermediate 5632, vocab 32000), sequence 2048, bf16-mixed (fp32 weights, bf16 a
 A variant is `plain` (a hand-written loop over the HF model with random tokens) or `chop` (Lightning Trainer +
 ContinuedPretraining + StreamingDataModule reading and tokenizing FILE with 4 workers), then any of `+compile`
 (torch.compile: the whole model for plain, the body for chop's `model.compile`), `+liger` (chop's
-`model.kernels: liger`) and `@B` (micro-batch B, default --batch). Each variant runs in its own process (liger
+`model.kernels: liger`; with +compile, liger's fused cross-entropy alone) and `@B` (micro-batch B, default --batch). Each variant runs in its own process (liger
 patches transformers' modules for the whole process). Tokens/s are timed from step `--warmup` to the last step
 (compilation excluded). MFU uses 6N + 12*L*d*s FLOPs per token over a 989 TFLOP/s peak (dense bf16, H100/H200).
 Prints a table and writes train_throughput.json ($OUT, else benchmarks/results/) with its provenance.

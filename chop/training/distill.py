@@ -165,7 +165,7 @@ class Distillation(ContinuedPretraining):
         self.teacher = teacher.requires_grad_(False)
         self.teacher.eval()
         self.teacher.config.use_cache = False
-        apply_kernels(self.teacher, self.kernels)
+        apply_kernels(self.teacher, self.module_kernels)
         self.teacher_size = ModelSize.of(self.teacher)
         self._bind_teacher()
         self._hook_layers()

@@ -47,7 +47,8 @@ class CausalLMModule(L.LightningModule):
         optim: optimizer and learning-rate schedule.
         compile: run the forward through ``torch.compile``.
         kernels: ``torch`` (the model's own modules) or ``liger``: liger-kernel's fused RMSNorm, rotary embeddings,
-            SwiGLU and, for the LM loss, fused linear cross-entropy (CUDA GPUs; ``chop.models.kernels``).
+            SwiGLU and, for the LM loss, fused linear cross-entropy (CUDA GPUs; ``chop.models.kernels``); with
+            ``compile``, the fused cross-entropy alone (Inductor fuses the rest).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         export_on_end: at the end of ``fit``, write the model and tokenizer as a Hugging Face directory
             ``hf/`` beside the checkpoints.
@@ -137,7 +138,11 @@ class CausalLMModule(L.LightningModule):
             student = build_student(self.load_source, self.chop_spec, self.pruning, data)
             self.model, self.plan, self.pruning_report = student.model, student.plan, student.report
         self.model.config.use_cache = False
-        apply_kernels(self.model, self.kernels)  # after pruning: its statistics are gathered through plain modules
+        # After pruning (its statistics are gathered through plain modules). Under `compile`, Inductor fuses norms,
+        # rotary and SwiGLU itself and cannot trace liger's Triton versions (measured slower than either alone): only
+        # liger's fused cross-entropy is kept then.
+        self.module_kernels = "torch" if self.compile_forward else self.kernels
+        apply_kernels(self.model, self.module_kernels)
         self.model_size = ModelSize.of(self.model)
         self.model.train()  # from_pretrained leaves it in eval mode
         if self.gradient_checkpointing:

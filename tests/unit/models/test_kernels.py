@@ -80,3 +80,24 @@ def test_liger_gives_the_torch_loss_and_gradients_on_a_gpu(kind):
     for name, g in grads_t.items():
         rel = ((grads_l[name] - g).norm() / g.norm()).item()
         assert rel < 3e-2, f"{name}: relative gradient difference {rel:.3g}"
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_under_compile_liger_keeps_only_its_cross_entropy(monkeypatch, compile_):
+    """liger's module kernels break torch.compile's graphs (measured slower than either alone): with `compile` the
+    model's own modules stay, for Inductor to fuse, and the loss still takes liger's fused cross-entropy."""
+    fake_liger(monkeypatch, ["llama"])
+    patched = []
+    sys.modules["liger_kernel.transformers.monkey_patch"]._apply_liger_kernel_to_instance = \
+        lambda model, **kw: patched.append(kw)
+    module = ContinuedPretraining(config=TINY["llama"], kernels="liger", compile=compile_)
+    module.configure_model()
+    assert bool(patched) != compile_
+    if patched:
+        assert patched[0]["rms_norm"] and patched[0]["rope"] and patched[0]["swiglu"]
+    fused = []
+    monkeypatch.setattr("chop.training.pretrain.fused_cross_entropy", lambda h, t, head, cap: fused.append(1) or
+                        torch.zeros((), requires_grad=True))
+    x = torch.randint(2, 128, (2, 9))
+    module.logit_losses(torch.randn(2, 8, 32, requires_grad=True), x[:, 1:])
+    assert fused == [1]
