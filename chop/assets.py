@@ -19,6 +19,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Optional, TypeVar
 
@@ -176,19 +177,139 @@ def english_passages() -> Path:
     About 1 in 25 documents, chosen by hash, is held out for validation.
     """
 
-    def build(tmp: Path) -> None:
-        seen: set[str] = set()
-        with open(tmp / "train.jsonl", "w") as train, open(tmp / "val.jsonl", "w") as val:
-            for text in _passages():
-                text = text.strip()
-                key = hashlib.sha1(text.encode()).hexdigest()
-                if len(text) < 200 or key in seen:
-                    continue
-                seen.add(key)
-                out = val if int(key, 16) % 25 == 0 else train
-                out.write(json.dumps({"text": text}) + "\n")
+    return _build_once(home() / "corpus" / "english-passages", lambda tmp: _write_split(_passages(), tmp, min_chars=200))
 
-    return _build_once(home() / "corpus" / "english-passages", build)
+
+# Debian's documentation packages: real English prose (kernel and system administration documentation) that no
+# evaluation task uses, reaching any Debian-like machine through `apt-get download` (apt checks each package against
+# the archive's signed index). `linux-doc` is the metapackage of the release's kernel documentation.
+DEBIAN_DOC_PACKAGES = ("debian-reference-en", "linux-doc")
+
+
+def _apt(*args: str, cwd: Optional[Path] = None) -> str:
+    try:
+        return subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        raise RuntimeError(f"corpus 'debian-docs': `{' '.join(args)}` failed ({detail.strip()[-300:]}); it needs "
+                           f"apt-get and dpkg-deb (Debian, Ubuntu) and a Debian mirror. Elsewhere, build it on such a "
+                           f"machine and copy {home() / 'corpus'} over, or train on your own text (data.train_files)")
+
+
+def _debian_packages() -> list[str]:
+    """The packages to fetch: the metapackage ``linux-doc`` stands for the versioned package it depends on."""
+    names = []
+    for name in DEBIAN_DOC_PACKAGES:
+        if name == "linux-doc":
+            deps = [line.split(":", 1)[1].strip() for line in _apt("apt-cache", "depends", "linux-doc").splitlines()
+                    if line.strip().startswith("Depends:")]
+            name = next((d for d in deps if d.startswith("linux-doc-")), name)
+        names.append(name)
+    return names
+
+
+class _Prose(HTMLParser):
+    """The prose of an HTML page: the text of its paragraphs, list items, headings and table cells, without code
+    blocks, scripts or navigation; inside the page's ``role="main"`` element when it has one (Sphinx)."""
+
+    BLOCKS = {"p", "li", "dd", "dt", "h1", "h2", "h3", "h4", "h5", "h6", "td", "th", "blockquote", "caption"}
+    SKIP = {"script", "style", "pre", "nav", "head"}
+
+    def __init__(self, main_only: bool) -> None:
+        super().__init__(convert_charrefs=True)
+        self.main_only, self.in_main, self.skipping = main_only, 0, 0
+        self.divs: list[bool] = []
+        self.buffer: list[str] = []
+        self.paragraphs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "div":
+            main = dict(attrs).get("role") == "main"
+            self.divs.append(main)
+            self.in_main += main
+        self.skipping += tag in self.SKIP
+        if tag in self.BLOCKS:
+            self.flush()
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "div" and self.divs:
+            self.in_main -= self.divs.pop()
+        if tag in self.SKIP and self.skipping:
+            self.skipping -= 1
+        if tag in self.BLOCKS:
+            self.flush()
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping and (self.in_main or not self.main_only):
+            self.buffer.append(data)
+
+    def flush(self) -> None:
+        text = " ".join("".join(self.buffer).replace("\u00b6", "").split())  # ¶: Sphinx's heading anchors
+        self.buffer = []
+        if len(text) >= 3:
+            self.paragraphs.append(text)
+
+
+def html_prose(page: str) -> str:
+    """Paragraphs of an HTML page's prose, separated by blank lines."""
+    parser = _Prose(main_only='role="main"' in page)
+    parser.feed(page)
+    parser.flush()
+    return "\n\n".join(parser.paragraphs)
+
+
+def _write_split(texts: Iterator[str], tmp: Path, min_chars: int) -> None:
+    """Deduplicated documents as ``train.jsonl`` / ``val.jsonl`` (field ``text``), 1 in 25 held out by hash."""
+    seen: set[str] = set()
+    with open(tmp / "train.jsonl", "w") as train, open(tmp / "val.jsonl", "w") as val:
+        for text in texts:
+            text = text.strip()
+            key = hashlib.sha1(text.encode()).hexdigest()
+            if len(text) < min_chars or key in seen:
+                continue
+            seen.add(key)
+            out = val if int(key, 16) % 25 == 0 else train
+            out.write(json.dumps({"text": text}) + "\n")
+
+
+def debian_docs() -> Path:
+    """Debian's English documentation as plain text, one document per HTML page (``train.jsonl``, ``val.jsonl``):
+    the Linux kernel's documentation (``linux-doc-*``) and the Debian Reference. About 28M characters (6-7M tokens),
+    deduplicated, code blocks left out; ``SOURCE.json`` names each package's version and sha256."""
+
+    def build(tmp: Path) -> None:
+        debs = tmp / "debs"
+        debs.mkdir()
+        _apt("apt-get", "download", *_debian_packages(), cwd=debs)
+        unpacked = tmp / "unpacked"
+        for deb in sorted(debs.glob("*.deb")):
+            _apt("dpkg-deb", "-x", str(deb), str(unpacked))
+        source = {deb.name: sha256(deb) for deb in sorted(debs.glob("*.deb"))}
+        pages = sorted(unpacked.rglob("*.html"))
+        _write_split((html_prose(p.read_text(errors="replace")) for p in pages), tmp, min_chars=500)
+        (tmp / "SOURCE.json").write_text(json.dumps({"packages": source, "pages": len(pages)}, indent=2))
+        shutil.rmtree(debs)
+        shutil.rmtree(unpacked)
+
+    return _build_once(home() / "corpus" / "debian-docs", build)
+
+
+def english_mix() -> Path:
+    """english-passages and debian-docs together (their training documents shuffled together by hash), for recovery
+    budgets that would otherwise repeat english-passages many times; validation is english-passages'."""
+
+    def build(tmp: Path) -> None:
+        parts = [english_passages(), debian_docs()]
+        rows = [(hashlib.sha1(line.encode()).hexdigest(), line) for part in parts
+                for line in open(part / "train.jsonl")]
+        with open(tmp / "train.jsonl", "w") as f:
+            f.writelines(line for _, line in sorted(rows))
+        shutil.copy(parts[0] / "val.jsonl", tmp / "val.jsonl")
+        (tmp / "SOURCE.json").write_text(json.dumps({"train": ["english-passages", "debian-docs"],
+                                                     "val": "english-passages",
+                                                     "debian-docs": json.loads((parts[1] / "SOURCE.json").read_text())}))
+
+    return _build_once(home() / "corpus" / "english-mix", build)
 
 
 # Names that chop resolves to an offline copy when the Hub is unreachable.
@@ -197,13 +318,21 @@ OFFLINE_MODELS: dict[str, Callable[[], Path]] = {
 }
 OFFLINE_CORPORA: dict[str, Callable[[], Path]] = {
     "english-passages": english_passages,
+    "debian-docs": debian_docs,
+    "english-mix": english_mix,
 }
 
 
 def main() -> None:
+    """``python -m chop.assets [NAME ...]``: prepare the named offline assets (default: the model and english-passages,
+    what chop's tests and quickstart use; debian-docs and english-mix need apt-get, see ``debian_docs``)."""
     logging.basicConfig(level=logging.INFO)
-    for name, get in {**OFFLINE_MODELS, **OFFLINE_CORPORA}.items():
-        print(f"{name}: {get()}")
+    known = {**OFFLINE_MODELS, **OFFLINE_CORPORA}
+    names = sys.argv[1:] or ["HuggingFaceTB/SmolLM2-135M-Instruct", "english-passages"]
+    for name in names:
+        if name not in known:
+            raise SystemExit(f"chop.assets: unknown asset '{name}'; known: {sorted(known)}")
+        print(f"{name}: {known[name]()}")
 
 
 if __name__ == "__main__":
