@@ -63,12 +63,12 @@ def run_lm_eval(model_dir: str, args, tasks: list[str], batch: int, limit: Optio
 def lm_eval_worker(args) -> None:
     """The lm-eval side, in its own process: its metrics and each document's log-likelihoods, as JSON."""
     from chop.eval.reference import run_lm_eval as lm_eval
+    from chop.eval.reference import samples_of
 
     tasks = args.tasks.split(",")
     r = lm_eval(args.model, tasks, limit=args.limit, data_dir=args.data_dir, batch_size=args.lm_eval_batch[0],
                 dtype=args.dtype, device=args.device)
-    lls = {t: [[float(x[0]) for x in s["filtered_resps"]] for s in sorted(r["samples"][t], key=lambda s: s["doc_id"])]
-           for t in tasks}
+    lls = {t: [[float(x[0]) for x in s["filtered_resps"]] for s in samples_of(r, t)] for t in tasks}
     metrics = {t: {k.split(",")[0]: v for k, v in r["results"][t].items() if k.endswith(",none")} for t in tasks}
     Path(args.lm_eval_worker).write_text(json.dumps({"results": metrics, "lls": lls}))
 

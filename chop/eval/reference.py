@@ -51,3 +51,12 @@ def run_lm_eval(model_dir: str, tasks: list[str], limit: Optional[int] = None, d
         return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks,
                                        num_fewshot=0, limit=limit, batch_size=batch_size, device=device,
                                        log_samples=True, bootstrap_iters=0)
+
+
+def samples_of(result: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    """lm-eval's samples of ``task`` in the order chop scores its documents: a group task (MMLU) keeps one list per
+    subject, which chop pools in subject order."""
+    samples = [s for k, v in result["samples"].items() if k == task or k.startswith(f"{task}_") for s in v]
+    if get([task])[0].subsets:
+        return sorted(samples, key=lambda s: (s["doc"]["subject"], s["doc_id"]))
+    return sorted(samples, key=lambda s: s["doc_id"])
