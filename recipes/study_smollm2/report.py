@@ -60,6 +60,16 @@ def table(spec: dict, section: str, results: dict) -> list[str]:
     return lines + [""]
 
 
+def timing(spec: dict, results: dict) -> list[str]:
+    """How long each section took: its runs' wall-clock time (load, prune, recover, both evaluations, export)."""
+    lines = ["### Time", "", "| section | runs | minutes | per run, median (s) |", "|---|---:|---:|---:|"]
+    for section in spec["sections"]:
+        seconds = [r["seconds"] for (s, _), rs in results.items() if s == section for r in rs]
+        if seconds:
+            lines.append(f"| {section} | {len(seconds)} | {sum(seconds) / 60:.1f} | {statistics.median(seconds):.0f} |")
+    return lines + [""]
+
+
 def plots(spec: dict, results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -116,9 +126,12 @@ def render(study: Path, runs: Path, out: Path) -> None:
     if results:
         lines += [f"![{p}]({p})" for p in plots(spec, results, out.parent)] + [""]
         prov = next(iter(results.values()))[0]["provenance"]
-        lines += [f"Provenance of every run is in its result.json; e.g. model {prov['model']} (weights sha256 "
-                  f"{prov['weights_sha256'][:12]}…), recovery data {prov['recovery_data']} (offline: "
-                  f"{prov['offline']}, {prov['offline_data']}), commit {prov['commit'][:10]}.", ""]
+        data = prov["data"]
+        lines += timing(spec, results)
+        lines += [f"Provenance of every run is in its result.json; e.g. GPU {prov['gpu']}, model {prov['model']} "
+                  f"(weights sha256 {(prov['weights_sha256'] or 'none')[:12]}…), recovery data {data['recovery']} "
+                  f"(offline copy used: {prov['offline_copy']}, corpus {data['offline_corpus']}), commit "
+                  f"{prov['commit'][:10]}.", ""]
     head = out.read_text().split(MARKER)[0] if out.exists() else ""
     out.write_text(head.rstrip() + "\n\n" + "\n".join(lines))
 

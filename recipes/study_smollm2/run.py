@@ -167,15 +167,18 @@ class Study:
                 "perplexity": res.get("c4", {}).get("perplexity")}
 
     def provenance(self, seed: int) -> dict:
+        """chop's provenance record (GPU, commit, model and its weights' sha256, data) of this run, and its seed."""
         from chop import assets
+        from chop.provenance import provenance
 
         data = self.base["data"]["init_args"]
-        from chop.models.loading import resolve
-        from chop.provenance import commit, weights_sha256
-
-        return {"model": self.spec["model"], "weights_sha256": weights_sha256(resolve(self.spec["model"])),
-                "recovery_data": data.get("train_files") or f"{data.get('path')} ({data.get('config_name')}, train)",
-                "offline": assets.hub_offline(), "offline_data": data.get("offline"), "seed": seed, "commit": commit()}
+        recovery = {"recovery": data.get("train_files") or f"{data.get('path')} ({data.get('config_name')}, train)",
+                    "offline_corpus": data.get("offline"), "held_out": "task c4 (offline: english-passages val)"}
+        record = provenance(self.spec["model"], recovery)
+        source = assets.home() / "corpus" / str(data.get("offline")) / "SOURCE.json"
+        if record["offline_copy"] and source.exists():  # which texts (and package versions) the offline corpus holds
+            record["data"]["offline_source"] = json.loads(source.read_text())
+        return {**record, "seed": seed}
 
 
 def main() -> None:
