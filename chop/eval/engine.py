@@ -81,8 +81,11 @@ class Encoder:
         if self._cache is not None and self._cache.exists():
             try:
                 with open(self._cache, "rb") as f:
-                    self._pairs.update(pickle.load(f))
-            except (OSError, EOFError, pickle.UnpicklingError) as e:  # a damaged cache is rebuilt, never trusted
+                    cached = pickle.load(f)
+                if not isinstance(cached, dict):
+                    raise TypeError(f"holds a {type(cached).__name__}, not a dict of pairs")
+                self._pairs.update(cached)
+            except Exception as e:  # truncated, damaged, foreign: rebuilt (the next save replaces it), never trusted
                 log.warning("token cache %s unreadable (%s): tokenising afresh", self._cache, e)
         self._cached = len(self._pairs)
 
