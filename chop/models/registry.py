@@ -79,14 +79,21 @@ def num_layers(config: PretrainedConfig) -> int:
     return config.get_text_config().num_hidden_layers
 
 
+def head_adjustments(model: nn.Module) -> tuple[Optional[float], float]:
+    """(soft-cap, scale) that the model's forward applies to its LM head's output: Gemma's soft-capping (None: none)
+    and Cohere's scale (1: none)."""
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    scale = getattr(model, "logit_scale", None)  # Cohere: a float its forward multiplies the logits by
+    return cap or None, scale if isinstance(scale, (int, float)) else 1
+
+
 def output_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Hidden states -> logits as the model's own forward computes them (LM head, then Cohere's scale or Gemma's
     soft-capping)."""
     head = model.get_output_embeddings()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    scale = getattr(model, "logit_scale", None)  # Cohere: a float its forward multiplies the logits by
+    cap, scale = head_adjustments(model)
     if cap:
         return lambda h: torch.tanh(head(h) / cap) * cap
-    if isinstance(scale, (int, float)) and scale != 1:
+    if scale != 1:
         return lambda h: head(h) * scale
     return head

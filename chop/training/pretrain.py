@@ -11,6 +11,7 @@ from torchmetrics import SumMetric
 
 from chop.models.kernels import fused_cross_entropy
 from chop.models.perplexity import token_perplexity
+from chop.models.registry import head_adjustments
 from chop.training.losses import LogitLoss, chunk_for, head_losses
 from chop.training.module import CausalLMModule
 
@@ -38,10 +39,8 @@ class ContinuedPretraining(CausalLMModule):
         super().configure_model()
         # What liger's fused cross-entropy can compute: a linear head, optionally soft-capped (Gemma); not a scaled
         # one (Cohere), which keeps the chunked path.
-        text = self.model.config.get_text_config()
-        self._softcap = getattr(text, "final_logit_softcapping", None)
-        self._plain_head = isinstance(self.model.get_output_embeddings(), torch.nn.Linear) and \
-            getattr(self.model, "logit_scale", 1) in (None, 1)
+        self._softcap, scale = head_adjustments(self.model)
+        self._plain_head = isinstance(self.model.get_output_embeddings(), torch.nn.Linear) and scale == 1
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
