@@ -85,7 +85,8 @@ def check_output(output: str) -> None:
 
 
 def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
-        output: Optional[str] = None, data_dir: Optional[str] = None, dtype: Optional[str] = None,
+        output: Optional[str] = None, data_dir: Optional[str] = None,
+        dtype: Optional[Literal["float32", "bfloat16", "float16", "bf16-mixed"]] = None,
         device: Optional[str] = None, samples: bool = False, mode: Literal["exact", "fast"] = "exact") -> dict:
     """Evaluate ``model`` on ``tasks``, print lm-eval's table, write JSON to ``output`` (never over a file).
 
@@ -97,7 +98,8 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
             (rows packed up to a number of tokens; the same numbers where kernels do not depend on the batch: H100).
         output: a JSON file for the results (must not exist).
         data_dir: read each task from DIR/<task>/ (jsonl/json/parquet files or a save_to_disk folder).
-        dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU).
+        dtype: the weights' dtype (default: bfloat16 on GPU, float32 on CPU), or bf16-mixed: float32 weights under
+            bfloat16 autocast, as a run trained with ``precision: bf16-mixed`` scores itself (ZeroShotEvalCallback).
         device: cuda or cpu (default: cuda when there is one).
         samples: also write each document's log-likelihoods to the JSON.
         mode: exact: one row per request, lm-eval's numbers bit for bit in its dtype; fast: the choices of one context
@@ -111,11 +113,14 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
         check_output(output)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in ("float32", "bfloat16", "float16", "bf16-mixed"):
+        raise ValueError(f"--dtype: '{dtype}' is not one of float32, bfloat16, float16, bf16-mixed")
+    mixed = dtype == "bf16-mixed"
     clock = Clock()
     tokenizer, chosen = tokenizer_of(model), get(tasks)
     encoder = Encoder(tokenizer, threads=True, cache_dir=token_cache())  # this process forks nothing after it
     with no_gc(), ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
-        loading = pool.submit(clock.time, "load model", load, model, dtype, device)
+        loading = pool.submit(clock.time, "load model", load, model, "float32" if mixed else dtype, device)
         docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)
                                                      for t in chosen if t.kind != "blocks"})
         clock.time("tokenise", encoder.encode_pairs, [r for t in chosen if t.kind in ("multiple_choice", "loglikelihood")
@@ -123,8 +128,9 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
         encoder.save()
         net = loading.result()
         scorer = Scorer(net, tokenizer, batch_size, share_contexts=mode == "fast", encoder=encoder)
-        results = clock.time("score", evaluate, net, tokenizer, tasks, limit=limit, data_dir=data_dir, scorer=scorer,
-                             docs=docs)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed):
+            results = clock.time("score", evaluate, net, tokenizer, tasks, limit=limit, data_dir=data_dir,
+                                 scorer=scorer, docs=docs)
     seconds = clock.total()
     print(table(results))
     print(f"{model}: {seconds:.1f} s end to end ({clock})")

@@ -61,12 +61,36 @@ def table(spec: dict, section: str, results: dict) -> list[str]:
 
 
 def timing(spec: dict, results: dict) -> list[str]:
-    """How long each section took: its runs' wall-clock time (load, prune, recover, both evaluations, export)."""
-    lines = ["### Time", "", "| section | runs | minutes | per run, median (s) |", "|---|---:|---:|---:|"]
+    """How long each section took: its runs' wall-clock time (load, prune, recover, both evaluations, export), the
+    sum over runs and the span from the first start to the last end (runs ran ``at_once`` at a time)."""
+    lines = ["### Time", "", "| section | runs | runs at once (GPUs) | sum of the runs' minutes | per run, median (s) "
+             "| span, first start to last end (min) |", "|---|---:|---:|---:|---:|---:|"]
     for section in spec["sections"]:
-        seconds = [r["seconds"] for (s, _), rs in results.items() if s == section for r in rs]
-        if seconds:
-            lines.append(f"| {section} | {len(seconds)} | {sum(seconds) / 60:.1f} | {statistics.median(seconds):.0f} |")
+        rs = [r for (s, _), rr in results.items() if s == section for r in rr]
+        if rs:
+            seconds = [r["seconds"] for r in rs]
+            starts = [r["started"] for r in rs if "started" in r]
+            span = (max(r["started"] + r["seconds"] for r in rs if "started" in r) - min(starts)) / 60 if starts else None
+            at_once = sorted({f"{r.get('at_once', 1)} ({r.get('gpus', 1)})" for r in rs})
+            lines.append(f"| {section} | {len(rs)} | {', '.join(at_once)} | {sum(seconds) / 60:.1f} | "
+                         f"{statistics.median(seconds):.0f} | {'–' if span is None else f'{span:.1f}'} |")
+    return lines + [""]
+
+
+def verified(runs: Path) -> list[str]:
+    """The exports of each section's best arm, loaded with from_pretrained and scored again (run.py --verify)."""
+    path = runs / "verify.json"
+    if not path.exists():
+        return []
+    lines = ["### The best arms' exports, loaded and scored again", "",
+             "`run.py --verify`: `AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)`, then `chop eval` "
+             "in a new process (a recovery run: float32 weights under bf16 autocast, as the run scored itself).", "",
+             "| section | arm | parameters | largest accuracy difference | held-out ppl, reported → again | same |",
+             "|---|---|---:|---:|---:|---|"]
+    for section, v in json.loads(path.read_text()).items():
+        before, again = v["perplexity"]
+        lines.append(f"| {section} | {v['arm']} | {v['params'] / 1e6:.1f}M | {max(v['accuracy_abs_diff'].values()):.4f} "
+                     f"| {before:.4g} → {again:.4g} | {'yes' if v['same'] else 'no'} |")
     return lines + [""]
 
 
@@ -127,7 +151,7 @@ def render(study: Path, runs: Path, out: Path) -> None:
         lines += [f"![{p}]({p})" for p in plots(spec, results, out.parent)] + [""]
         prov = next(iter(results.values()))[0]["provenance"]
         data = prov["data"]
-        lines += timing(spec, results)
+        lines += timing(spec, results) + verified(runs)
         lines += [f"Provenance of every run is in its result.json; e.g. GPU {prov['gpu']}, model {prov['model']} "
                   f"(weights sha256 {(prov['weights_sha256'] or 'none')[:12]}…), recovery data {data['recovery']} "
                   f"(offline copy used: {prov['offline_copy']}, corpus {data['offline_corpus']}), commit "

@@ -31,20 +31,29 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
              "sections": {"placement": {"title": "Which layers", "arms": {
                               "input": {"fit": {"model.init_args.chop": {"strategy": "input", "n_keep": 2}}}}},
                           "curvature": {"title": "No recovery", "arms": {
-                              "magnitude 20%": {"prune": {"method": "magnitude", "sparsity": 0.2, "align": 4}}}}}}
+                              "magnitude 20%": {"prune": {"method": "magnitude", "sparsity": 0.2, "align": 4}},
+                              "broken": {"prune": {"method": "magnitude", "sparsity": 1.5}}}}}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     run = [sys.executable, str(ROOT / "recipes" / "study_smollm2" / "run.py"), "--study", str(tmp_path / "study.yaml"),
-           "--runs", str(tmp_path / "runs")]
-    first = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
-    assert first.returncode == 0, first.stderr[-3000:]
+           "--runs", str(tmp_path / "runs"), "--at_once", "3"]
+    first = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)  # the three at once; one fails, alone
+    assert first.returncode == 1 and "1 run(s) failed" in first.stderr, first.stderr[-3000:]
+    assert "FAILED: curvature / broken" in first.stdout and "sparsity" in first.stdout
+    assert not (tmp_path / "runs" / "curvature" / "broken" / "seed0" / "result.json").exists()
     fit = json.loads((tmp_path / "runs" / "placement" / "input" / "seed0" / "result.json").read_text())
     assert fit["recovery_flops"] >= 3.0e7 and fit["before"]["tasks"].keys() == {"piqa", "copa"}
     assert fit["before"]["perplexity"] != fit["after"]["perplexity"] and fit["after"]["perplexity"] > 1  # it trained
     assert fit["provenance"]["seed"] == 0 and len(fit["provenance"]["weights_sha256"]) == 64
     pruned = json.loads((tmp_path / "runs" / "curvature" / "magnitude-20" / "seed0" / "result.json").read_text())
     assert pruned["recovery_flops"] == 0 and pruned["params"] < fit["params"] + 10**9
-    again = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)  # everything finished: nothing reruns
+    del study["sections"]["curvature"]["arms"]["broken"]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    again = subprocess.run(run + ["--verify"], capture_output=True, text=True, cwd=ROOT)  # nothing reruns
     assert again.returncode == 0 and again.stdout.count("done:") == 2 and "running" not in again.stdout
+    # each section's best export loads with from_pretrained and scores with `chop eval` as the run reported
+    verify = json.loads((tmp_path / "runs" / "verify.json").read_text())
+    assert verify.keys() == {"placement", "curvature"} and all(v["same"] for v in verify.values()), verify
+    assert verify["placement"]["params"] == fit["params"]
     readme = tmp_path / "README.md"
     readme.write_text("# The study\n\nWhat we found: ...\n")
     report = subprocess.run([sys.executable, str(ROOT / "recipes" / "study_smollm2" / "report.py"), "--study",
@@ -53,4 +62,5 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     text = readme.read_text()
     assert text.startswith("# The study\n\nWhat we found") and "| input | 1 |" in text and "| magnitude 20% | 1 |" in text
+    assert "### The best arms' exports" in text and "| placement | input |" in text
     assert (tmp_path / "average_vs_params.png").exists() and (tmp_path / "placement.png").exists()

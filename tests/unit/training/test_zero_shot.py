@@ -15,7 +15,7 @@ def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
 
     cb = ("chop.ZeroShotEvalCallback", {"tasks": "piqa,copa,lambada_openai", "every_n_steps": 2,
                                              "data_dir": str(EVAL_FIX), "batch_size": 8, "at_start": True})
-    cli_main(args(tmp_path, "--trainer.max_steps=4", callbacks=[cb]))
+    cli_main(args(tmp_path, "--trainer.max_steps=4", "--trainer.precision=bf16-mixed", callbacks=[cb]))
     tb = scalars(tmp_path / "tiny_cpu")
     assert len(tb["eval/piqa/acc"]) == 3 and len(tb["eval/lambada_openai/perplexity"]) == 3  # steps 0 (at_start), 2, 4
     assert all(0 <= a <= 1 for a in tb["eval/average"])
@@ -24,10 +24,11 @@ def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
     assert saved["step"] == 4 and saved["results"]["copa"]["n"] == 6
     assert json.loads((run / "eval-step=0.json").read_text())["step"] == 0  # the chopped model before training
     assert (run / "eval-step=2.json").exists() and not (run / "eval-step=4-v1.json").exists()  # once per step
-    # `chop eval` of the step-4 checkpoint (its weights and the tokenizer it records) gives the callback's numbers
+    # `chop eval` of the step-4 checkpoint (its weights and the tokenizer it records), float32 weights under bf16
+    # autocast as the run scored itself, gives the callback's numbers
     out = tmp_path / "ckpt.json"
     main(["eval", "--model", str(run / "last.ckpt"), "--tasks", "piqa,copa,lambada_openai", "--data_dir", str(EVAL_FIX),
-          "--batch_size", "8", "--output", str(out)])
+          "--batch_size", "8", "--dtype", "bf16-mixed", "--output", str(out)])
     assert json.loads(out.read_text())["results"] == saved["results"]
 
 
