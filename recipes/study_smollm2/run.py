@@ -56,7 +56,7 @@ def scalars(logdir: Path) -> dict[str, list[float]]:
 
     out: dict[str, list[float]] = {}
     for ev in sorted(logdir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(ev))
+        acc = EventAccumulator(str(ev), purge_orphaned_data=False)  # every value, in the order written
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
@@ -171,7 +171,8 @@ class Study:
     def run(self, sections: list[str], at_once: int = 1, stop_after: Optional[float] = None) -> None:
         """Runs the asked-for runs not finished yet, ``at_once`` at a time spread over the GPUs (a 135M model leaves
         most of an H200 idle), each after the sections it needs; none starts after ``stop_after`` seconds."""
-        start, gpus = time.time(), max(1, torch_gpus())
+        start, visible = time.time(), torch_gpus()
+        gpus = max(1, visible)
         todo = []
         for job in self.jobs(sections):
             if (self.folder(*job) / "result.json").exists():
@@ -195,7 +196,7 @@ class Study:
                 with lock:
                     busy[gpu] -= 1
             result.update(section=section, arm=arm, seed=seed, seconds=time.time() - began, started=began,
-                          at_once=at_once, gpus=gpus, provenance=self.provenance(seed))
+                          at_once=at_once, gpus=visible, provenance=self.provenance(seed))
             (folder / "result.json").write_text(json.dumps(result, indent=2))
             print(f"finished: {section} / {arm} / seed {seed} in {time.time() - began:.0f} s", flush=True)
 
@@ -211,7 +212,8 @@ class Study:
                     with lock:
                         gpu = busy.index(min(busy))
                         busy[gpu] += 1
-                    print(f"running: {job[0]} / {job[1]} / seed {job[2]} (GPU {gpu})", flush=True)
+                    print(f"running: {job[0]} / {job[1]} / seed {job[2]}" + (f" (GPU {gpu})" if visible else ""),
+                          flush=True)
                     running[pool.submit(one, job, gpu)] = job
                 if not running:
                     break  # stopped, or what is left needs a section that failed
