@@ -69,6 +69,15 @@ def remove_lowest_influence(n_layers: int, n: int, scores: Optional[list[float]]
     return sorted(sorted(range(n_layers), key=lambda i: (scores[i], i))[:n])
 
 
+def remove_angular_block(n_layers: int, n: int, scores: Optional[list[float]] = None, **_: Any) -> list[int]:
+    """The n consecutive layers whose input and output are nearest in angle (Gromov et al., arXiv 2403.17887):
+    ``scores[l]`` is the distance across layers l..l+n-1, the block with the smallest is removed."""
+    if scores is None or len(scores) != n_layers - n + 1:
+        raise ValueError("chop: angular_block needs one distance per block of n layers (calibration data)")
+    start = min(range(len(scores)), key=lambda i: (scores[i], i))
+    return list(range(start, start + n))
+
+
 STRATEGIES: dict[str, Callable[..., list[int]]] = {
     "input": remove_input,
     "output": remove_output,
@@ -79,10 +88,12 @@ STRATEGIES: dict[str, Callable[..., list[int]]] = {
     "bottom": remove_bottom,
     "indices": remove_indices,
     "block_influence": remove_lowest_influence,
+    "angular_block": remove_angular_block,
 }
 
 
 KEEPS_ENDS = {"input", "output", "middle", "both", "max_gap"}  # Just CHOP's placements never remove the first/last layer
+SCORED = {"block_influence", "angular_block"}  # the strategies that score layers on calibration text
 
 
 @dataclass
@@ -96,7 +107,11 @@ class LayerChop:
     fraction: Optional[float] = None
     indices: Optional[list[int]] = None
     angular: bool = False  # block_influence: angular distance arccos(cos)/pi instead of 1 - cos
-    calibration_batches: int = 8  # block_influence: batches of training text to score layers on
+    calibration_batches: int = 8  # block_influence, angular_block: batches of training text to score layers on
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.strategy in SCORED
 
     def n_to_remove(self, n_layers: int) -> int:
         """Validate the target against a model of ``n_layers`` layers (no weights needed) and resolve it."""
@@ -251,16 +266,59 @@ def block_influence(model: PreTrainedModel, batches: Iterable[torch.Tensor], ang
     return (sums / count).tolist()
 
 
+def angular_block_distances(model: PreTrainedModel, batches: Iterable[torch.Tensor], n: int) -> list[float]:
+    """For each block of ``n`` consecutive layers starting at l: mean arccos(cos(h_l, h_{l+n}))/pi over all calibration
+    tokens, h_l the input of layer l and h_L the last layer's output (Gromov et al. use the last token alone)."""
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    sums = torch.zeros(n_layers - n + 1, dtype=torch.float64)
+    states: list = [None] * (n_layers + 1)
+    count = 0
+
+    def keep_input(i: int):
+        def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            states[i] = args[0] if args else kwargs["hidden_states"]
+
+        return fn
+
+    def keep_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        states[n_layers] = output[0] if isinstance(output, (tuple, list)) else output
+
+    handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(keep_output, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for input_ids in batches:
+                model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+                for start in range(n_layers - n + 1):
+                    cos = torch.nn.functional.cosine_similarity(states[start].double(), states[start + n].double(),
+                                                                dim=-1).clamp(-1, 1)
+                    sums[start] += (torch.arccos(cos) / math.pi).sum().cpu()
+                count += input_ids.numel()
+                states[:] = [None] * (n_layers + 1)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("chop: angular_block got no calibration tokens")
+    return (sums / count).tolist()
+
+
 def chop(model: PreTrainedModel, spec: LayerChop, calibration: Optional[Iterable[torch.Tensor]] = None) -> ChopPlan:
     """Chop ``model`` in place by ``spec`` and return the plan."""
     architecture(model.config)  # an unsupported model is named before its target is judged
     n_layers = num_layers(model.config)
     spec.n_to_remove(n_layers)
     scores = None
+    if spec.needs_calibration and calibration is None:
+        raise ValueError(f"chop: strategy {spec.strategy} needs calibration batches")
     if spec.strategy == "block_influence":
-        if calibration is None:
-            raise ValueError("chop: strategy block_influence needs calibration batches")
         scores = block_influence(model, calibration, angular=spec.angular)
+    elif spec.strategy == "angular_block":
+        scores = angular_block_distances(model, calibration, spec.n_to_remove(n_layers))
     removed = spec.removed(n_layers, scores=scores)
     kept = [i for i in range(n_layers) if i not in set(removed)]
     before = num_params(model)

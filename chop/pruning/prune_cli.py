@@ -134,7 +134,7 @@ def run(model: str, out: str, pruning: Optional[Pruning] = None, chop: Optional[
     seq = (pruning and pruning.seq_len) or getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
     batch = pruning.batch_size if pruning is not None else 4
     wanted = max(pruning.calibration_samples if pruning is not None else 0,
-                 chop.calibration_batches * batch if chop is not None and chop.strategy == "block_influence" else 0)
+                 chop.calibration_batches * batch if chop is not None and chop.needs_calibration else 0)
     calib = blocks(calibration, tok, seq + 1, wanted, "train", "pruning.calibration_samples") if wanted else []
     test = blocks(held_out, tok, (held_out_len or seq) + 1, held_out_blocks, "val", "held_out_blocks") \
         if held_out_blocks else []

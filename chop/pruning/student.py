@@ -32,9 +32,9 @@ def build_student(load: Callable[[], PreTrainedModel], layers: Optional[LayerCho
     student = Student(load())
     if layers is not None:
         calibration: Any = None
-        if layers.strategy == "block_influence":
+        if layers.needs_calibration:
             if data is None:
-                raise ValueError("chop.strategy: block_influence needs calibration text, and none was given")
+                raise ValueError(f"chop.strategy: {layers.strategy} needs calibration text, and none was given")
             calibration = data.calibration_batches(layers.calibration_batches)
         student.plan = chop(student.model, layers, calibration)
         log.info("chop plan: kept %s; parameters %d -> %d", student.plan.kept, student.plan.params_before,

@@ -176,8 +176,8 @@ class CausalLMModule(L.LightningModule):
         if not isinstance(datamodule, CalibrationData):
             if self.pruning is not None and self.pruning.calibration_samples:
                 raise ValueError(refusal("model.pruning", self.pruning.method, datamodule))
-            if self.chop_spec is not None and self.chop_spec.strategy == "block_influence":
-                raise ValueError(refusal("model.chop.strategy", "block_influence", datamodule))
+            if self.chop_spec is not None and self.chop_spec.needs_calibration:
+                raise ValueError(refusal("model.chop.strategy", self.chop_spec.strategy, datamodule))
         seq = getattr(datamodule, "hparams", {}).get("seq_len")
         limit = getattr(self.source_config().get_text_config(), "max_position_embeddings", None)
         if seq and limit and seq > limit:

@@ -30,9 +30,10 @@ def mean_spread(values: list[float]) -> str:
 
 
 def load(runs: Path) -> dict[tuple[str, str], list[dict]]:
+    from run import finished  # run.py, beside this file
+
     out: dict[tuple[str, str], list[dict]] = {}
-    for path in sorted(runs.glob("*/*/seed*/result.json")):
-        r = json.loads(path.read_text())
+    for r in finished(runs):
         out.setdefault((r["section"], r["arm"]), []).append(r)
     return out
 
@@ -77,6 +78,23 @@ def timing(spec: dict, results: dict) -> list[str]:
     return lines + [""]
 
 
+def stale(study: Path, runs: Path, section: str, results: dict) -> list[str]:
+    """A line naming the runs of ``section`` that ran with other settings than study.yaml's now (run.py reruns them)."""
+    from run import Study
+
+    now = Study(study, runs)
+    old = sorted({(r["arm"], r["provenance"]["commit"][:10]) for (s, arm), rs in results.items() if s == section
+                  and arm in now.spec["sections"][section]["arms"] for r in rs
+                  if r.get("settings") != now.settings(section, arm, r["seed"])})
+    if not old:
+        return []
+    commits = ", ".join(sorted({c for _, c in old}))
+    arms = {a for (s, a) in results if s == section and a in now.spec["sections"][section]["arms"]}
+    which = "All of these runs" if {a for a, _ in old} == arms else "The runs of " + ", ".join(sorted({a for a, _ in old}))
+    return [f"{which} ran (commit {commits}) with other settings than study.yaml's now; the next `run.py` runs them "
+            f"again.", ""]
+
+
 def verified(runs: Path) -> list[str]:
     """The exports of each section's best arm, loaded with from_pretrained and scored again (run.py --verify)."""
     path = runs / "verify.json"
@@ -106,7 +124,7 @@ def plots(spec: dict, results: dict, out: Path) -> list[str]:
         ax.scatter([r["nonzero_params"] / 1e6 for r in rs], [r["after"]["just_chop_average"] for r in rs], s=14)
         ax.annotate(arm, (rs[0]["nonzero_params"] / 1e6, rs[0]["after"]["just_chop_average"]), fontsize=6)
     ax.set_xlabel("parameters kept, non-zero (M)")
-    ax.set_ylabel("6-task average after recovery")
+    ax.set_ylabel("6-task average (after recovery, where there is one)")
     fig.tight_layout()
     fig.savefig(out / "average_vs_params.png", dpi=120)
     made.append("average_vs_params.png")
@@ -146,7 +164,7 @@ def render(study: Path, runs: Path, out: Path) -> None:
     if not results:
         lines += ["No run has finished yet: `python recipes/study_smollm2/run.py` (with a GPU), then this script.", ""]
     for section, s in spec["sections"].items():
-        lines += [f"### {s['title']}", ""] + table(spec, section, results)
+        lines += [f"### {s['title']}", ""] + table(spec, section, results) + stale(study, runs, section, results)
     if results:
         lines += [f"![{p}]({p})" for p in plots(spec, results, out.parent)] + [""]
         prov = next(iter(results.values()))[0]["provenance"]

@@ -1,20 +1,24 @@
 """Runs the study's arms (study.yaml) through chop's own CLI, skipping finished runs, so it resumes across sessions.
 
     python recipes/study_smollm2/run.py [--study recipes/study_smollm2/study.yaml] [--runs DIR] [--only SECTION ...]
+                                        [--at_once N] [--stop_after SECONDS] [--verify]
 
-A recovery arm is ``chop fit`` on base.yaml with the arm's settings (its config is written beside its run); the
-zero-shot callback scores the suite and held-out perplexity (``c4``: offline, english-passages val) before the first
-step and after the last. An arm without recovery is ``chop prune`` then ``chop eval`` on the same tasks. Each finished
-run leaves ``result.json``: scores before and after, parameters, recovery FLOPs, seconds, and its provenance (model
-and the sha256 of its weights, data and split, seed, commit). A run cut off mid-way resumes from its last checkpoint.
+An arm is one of three kinds. ``fit``: ``chop fit`` on base.yaml with the arm's settings (its config is written beside
+its run); the zero-shot callback scores the suite and held-out perplexity (``c4``: offline, english-passages val)
+before the first step and after the last. ``prune``: ``chop prune`` then ``chop eval`` on the same tasks. ``eval``: the
+model itself through ``chop eval`` (the dense reference). Each finished run leaves ``result.json``: scores before and
+after, parameters, recovery FLOPs, seconds, the settings it ran with, and its provenance (model and the sha256 of its
+weights, data and split, seed, commit). A run is finished when its result.json records the settings the study asks
+for now; one whose settings changed is set aside (``seedN.superseded-K``) and run again. A run cut off mid-way resumes
+from its last checkpoint, or starts again (the old folder set aside as ``seedN.interrupted-K``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -27,6 +31,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+KINDS = ("fit", "prune", "eval")
 
 
 def slug(name: str) -> str:
@@ -38,6 +43,20 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
     for p in parents:
         cfg = cfg.setdefault(p, {})
     cfg[last] = value
+
+
+def finished(runs: Path, section: str = "*") -> list[dict]:
+    """The result.json of every finished run (folders ``seedN``; those set aside are not)."""
+    return [json.loads(p.read_text()) for p in sorted(runs.glob(f"{section}/*/seed*/result.json"))
+            if re.fullmatch(r"seed\d+", p.parent.name)]
+
+
+def set_aside(folder: Path, why: str) -> None:
+    """Keep an unfinished or superseded run beside the new one as ``<folder>.<why>-K``, never over another."""
+    n = 1
+    while folder.with_name(f"{folder.name}.{why}-{n}").exists():
+        n += 1
+    folder.rename(folder.with_name(f"{folder.name}.{why}-{n}"))
 
 
 def params_of(folder: Path) -> dict:
@@ -64,7 +83,9 @@ def scalars(logdir: Path) -> dict[str, list[float]]:
 
 
 class RunFailed(Exception):
-    pass
+    def __init__(self, message: str, out_of_memory: bool) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
 
 
 def torch_gpus() -> int:
@@ -83,7 +104,8 @@ def chop(folder: Path, gpu: int, *args: str) -> None:
                               stderr=subprocess.STDOUT)
     if done.returncode:
         tail = (folder / "log.txt").read_text().splitlines()[-5:]
-        raise RunFailed(f"chop {args[0]} exited {done.returncode} ({folder / 'log.txt'}):\n  " + "\n  ".join(tail))
+        raise RunFailed(f"chop {args[0]} exited {done.returncode} ({folder / 'log.txt'}):\n  " + "\n  ".join(tail),
+                        out_of_memory=any("OutOfMemoryError" in line or "out of memory" in line for line in tail))
 
 
 class Study:
@@ -91,13 +113,32 @@ class Study:
         self.path, self.runs = path, runs
         self.spec = yaml.safe_load(path.read_text())
         self.base = yaml.safe_load((path.parent / self.spec["base"]).read_text())
+        for section, spec in self.spec["sections"].items():
+            for arm, how in spec["arms"].items():
+                if [k for k in KINDS if k in how] != [next(iter(how))] or len(how) != 1:
+                    raise SystemExit(f"study.yaml: sections.{section}.arms.{arm}: give exactly one of {KINDS}")
+
+    # --- which runs, in which order -------------------------------------------------------------------------------
+
+    def jobs(self, sections: list[str]) -> list[tuple[str, str, int]]:
+        """(section, arm, seed) of every run asked for, in study.yaml's order; an arm that trains runs once per seed."""
+        return [(section, arm, seed) for section, spec in self.spec["sections"].items()
+                if not sections or section in sections for arm, how in spec["arms"].items()
+                for seed in (self.spec["seeds"] if "fit" in how else self.spec["seeds"][:1])]
+
+    def needs(self, section: str) -> set[str]:
+        """The sections whose best arm this section's arms use (``{best: SECTION}``): they must finish first."""
+        return set(re.findall(r"\{best: (\w+)\}", json.dumps(self.spec["sections"][section]["arms"])))
+
+    def folder(self, section: str, arm: str, seed: int) -> Path:
+        return self.runs / section / slug(arm) / f"seed{seed}"
 
     def best_arm(self, section: str) -> str:
-        """The section's arm with the highest mean 6-task average after recovery (or pruning)."""
+        """The section's arm (of those study.yaml still lists) with the highest mean 6-task average after recovery."""
         scores: dict[str, list[float]] = {}
-        for result in self.runs.glob(f"{section}/*/seed*/result.json"):
-            r = json.loads(result.read_text())
-            scores.setdefault(r["arm"], []).append(r["after"]["just_chop_average"])
+        for r in finished(self.runs, section):
+            if r["arm"] in self.spec["sections"][section]["arms"]:
+                scores.setdefault(r["arm"], []).append(r["after"]["just_chop_average"])
         if not scores:
             raise SystemExit(f"study: section '{section}' has no finished run yet; run it first (--only {section})")
         return max(scores, key=lambda a: sum(scores[a]) / len(scores[a]))
@@ -106,97 +147,66 @@ class Study:
         """The chop settings of the section's best arm."""
         return self.spec["sections"][section]["arms"][self.best_arm(section)]["fit"]["model.init_args.chop"]
 
-    def verify(self) -> dict:
-        """Loads the export of each section's best arm (first seed) with ``AutoModelForCausalLM.from_pretrained``
-        (``trust_remote_code``: layers of different widths) and scores it with ``chop eval`` in a new process, as the
-        run scored itself (a recovery run: float32 weights under bf16 autocast); writes ``verify.json`` beside the
-        runs, with each task's difference from result.json."""
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from chop.models.loading import load_model
-
-        out = {}
-        for section, spec in self.spec["sections"].items():
-            if not list(self.runs.glob(f"{section}/*/seed*/result.json")):
-                continue
-            arm = self.best_arm(section)
-            folder = self.folder(section, arm, self.spec["seeds"][0])
-            fit = "fit" in spec["arms"][arm]
-            export = sorted((folder / "checkpoints").glob("hf*"))[-1] if fit else folder / "model"
-            net = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
-            ids = torch.arange(64).unsqueeze(0) * 7 % net.config.vocab_size
-            with torch.no_grad():  # the model chop eval builds is the one from_pretrained builds
-                logits_diff = (net(ids).logits - load_model(str(export)).eval()(ids).logits).abs().max().item()
-            scores = folder / "verify-eval.json"
-            if scores.exists():
-                scores.unlink()  # this file is verify's own, redone each time
-            ev = self.spec["eval"]
-            chop(folder, 0, "eval", "--model", str(export), "--tasks", f"{ev['tasks']},c4", "--output", str(scores),
-                 *(["--dtype", "bf16-mixed"] if fit and self.base["trainer"].get("precision") == "bf16-mixed" else []),
-                 *(["--data_dir", ev["data_dir"]] if ev.get("data_dir") else []),
-                 *(["--limit", str(ev["limit"])] if ev.get("limit") else []))
-            again = self.scores(json.loads(scores.read_text()))
-            reported = json.loads((folder / "result.json").read_text())["after"]
-            acc = {t: abs(again["tasks"][t][0] - a) for t, (a, _) in reported["tasks"].items()}
-            out[section] = {"arm": arm, "seed": self.spec["seeds"][0], "export": str(export.relative_to(self.runs)),
-                            "params": sum(p.numel() for p in net.parameters()),
-                            "logits_max_abs_diff_chop_loader": logits_diff, "accuracy_abs_diff": acc,
-                            "perplexity": [reported["perplexity"], again["perplexity"]],
-                            "same": max(acc.values()) == 0 and again["perplexity"] == reported["perplexity"]}
-            print(f"verify: {section} / {arm}: {'the same' if out[section]['same'] else 'DIFFERENT'} "
-                  f"(largest accuracy difference {max(acc.values()):.4f})", flush=True)
-        (self.runs / "verify.json").write_text(json.dumps(out, indent=2))
-        return out
-
     def resolve(self, value: Any) -> Any:
         if isinstance(value, str) and (m := re.fullmatch(r"\{best: (\w+)\}", value)):
             return self.best(m.group(1))
         return value
 
-    def jobs(self, sections: list[str]) -> list[tuple[str, str, int]]:
-        """(section, arm, seed) of every run asked for, in study.yaml's order."""
-        return [(section, arm, seed) for section, spec in self.spec["sections"].items()
-                if not sections or section in sections for arm, how in spec["arms"].items()
-                for seed in (self.spec["seeds"] if "fit" in how else self.spec["seeds"][:1])]  # pruning alone: seed-free
+    def settings(self, section: str, arm: str, seed: int) -> dict:
+        """Everything a run's numbers depend on, as recorded in its result.json: a changed arm runs again."""
+        how = self.spec["sections"][section]["arms"][arm]
+        if "fit" in how:
+            cfg = self.config(how["fit"], seed, self.folder(section, arm, seed))
+            cfg["trainer"].pop("logger")  # where the run writes, not what it does
+            return {"fit": cfg}
+        common = {"model": self.spec["model"], "eval": self.spec["eval"]}
+        return {"prune": self.prune_settings(how["prune"]), "text": self.spec.get("prune_text", {}), **common} \
+            if "prune" in how else common
 
-    def needs(self, section: str) -> set[str]:
-        """The sections whose best arm this section's arms use (``{best: SECTION}``): they must finish first."""
-        text = json.dumps(self.spec["sections"][section]["arms"])
-        return set(re.findall(r"\{best: (\w+)\}", text))
-
-    def folder(self, section: str, arm: str, seed: int) -> Path:
-        return self.runs / section / slug(arm) / f"seed{seed}"
+    def is_done(self, job: tuple[str, str, int]) -> bool:
+        """Finished with the settings asked for now; a result of other settings is set aside, to run again."""
+        folder = self.folder(*job)
+        if not (folder / "result.json").exists():
+            return False
+        if json.loads((folder / "result.json").read_text()).get("settings") == self.settings(*job):
+            return True
+        print(f"changed since it ran: {job[0]} / {job[1]} / seed {job[2]}; the old run is set aside", flush=True)
+        set_aside(folder, "superseded")
+        return False
 
     def run(self, sections: list[str], at_once: int = 1, stop_after: Optional[float] = None) -> None:
         """Runs the asked-for runs not finished yet, ``at_once`` at a time spread over the GPUs (a 135M model leaves
-        most of an H200 idle), each after the sections it needs; none starts after ``stop_after`` seconds."""
+        most of an H200 idle), each after the sections it needs; none starts after ``stop_after`` seconds. A run that
+        runs out of GPU memory beside the others is tried once more, later."""
         start, visible = time.time(), torch_gpus()
         gpus = max(1, visible)
-        todo = []
-        for job in self.jobs(sections):
-            if (self.folder(*job) / "result.json").exists():
-                print(f"done: {job[0]} / {job[1]} / seed {job[2]}")
-            else:
-                todo.append(job)
-        busy = [0] * gpus
-        lock, failed = threading.Lock(), []
+        todo, busy, lock = self.jobs(sections), [0] * gpus, threading.Lock()
+        failed: list[tuple[str, str, int]] = []
+        retried: set[tuple[str, str, int]] = set()
 
         def one(job: tuple[str, str, int], gpu: int) -> None:
             section, arm, seed = job
             how, folder = self.spec["sections"][section]["arms"][arm], self.folder(*job)
             began = time.time()
             try:
-                result = (self.fit(folder, how["fit"], seed, gpu) if "fit" in how else self.prune(folder, how["prune"], gpu))
+                result = (self.fit(folder, how["fit"], seed, gpu) if "fit" in how else
+                          self.prune(folder, how["prune"], gpu) if "prune" in how else self.reference(folder, gpu))
             except Exception as err:  # noqa: BLE001 - one run's failure (its log says why) stops no other run
-                failed.append(job)
-                print(f"FAILED: {section} / {arm} / seed {seed}: {err}", flush=True)
+                if isinstance(err, RunFailed) and err.out_of_memory and job not in retried:
+                    retried.add(job)
+                    todo.append(job)
+                    print(f"out of GPU memory beside the other runs, to run again later: {section} / {arm} / seed "
+                          f"{seed}", flush=True)
+                else:
+                    failed.append(job)
+                    print(f"FAILED: {section} / {arm} / seed {seed}: {err}", flush=True)
                 return
             finally:
                 with lock:
                     busy[gpu] -= 1
             result.update(section=section, arm=arm, seed=seed, seconds=time.time() - began, started=began,
-                          at_once=at_once, gpus=visible, provenance=self.provenance(seed))
+                          at_once=at_once, gpus=visible, settings=self.settings(*job),
+                          provenance=self.provenance(seed))
             (folder / "result.json").write_text(json.dumps(result, indent=2))
             print(f"finished: {section} / {arm} / seed {seed} in {time.time() - began:.0f} s", flush=True)
 
@@ -204,34 +214,49 @@ class Study:
             running: dict[Any, tuple[str, str, int]] = {}
             while todo or running:
                 waiting = {s for s, _, _ in todo} | {j[0] for j in running.values()}
-                ready = [j for j in todo if not (self.needs(j[0]) & waiting) and not self.needs(j[0]) & {f[0] for f in failed}]
+                blocked = waiting | {s for s, _, _ in failed}
+                ready = [j for j in todo if not self.needs(j[0]) & blocked]
                 late = stop_after is not None and time.time() - start > stop_after
                 while ready and len(running) < at_once and not late:
                     job = ready.pop(0)
                     todo.remove(job)
+                    if self.is_done(job):
+                        print(f"done: {job[0]} / {job[1]} / seed {job[2]}")
+                        continue
                     with lock:
                         gpu = busy.index(min(busy))
                         busy[gpu] += 1
+                    self.fresh(self.folder(*job))
                     print(f"running: {job[0]} / {job[1]} / seed {job[2]}" + (f" (GPU {gpu})" if visible else ""),
                           flush=True)
                     running[pool.submit(one, job, gpu)] = job
                 if not running:
                     break  # stopped, or what is left needs a section that failed
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for f in finished:
+                finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished_now:
                     f.result()
                     del running[f]
-        left = [j for j in todo if j not in failed]
-        if left:
+        if todo:
             print(f"not started ({'--stop_after' if stop_after else 'a section they need failed'}): "
-                  + ", ".join(f"{s} / {a} / seed {n}" for s, a, n in left))
+                  + ", ".join(f"{s} / {a} / seed {n}" for s, a, n in todo))
         if failed:
             raise SystemExit(f"{len(failed)} run(s) failed; each one's log.txt says why")
 
+    # --- one run ----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def fresh(folder: Path) -> None:
+        """A run cut off before its first checkpoint (or a failed one) starts again, the old folder kept aside."""
+        if folder.exists() and not (folder / "checkpoints" / "last.ckpt").exists():
+            set_aside(folder, "interrupted")
+        folder.mkdir(parents=True, exist_ok=True)
+
     def config(self, settings: dict, seed: int, folder: Path) -> dict:
-        """base.yaml with the arm's settings, writing its run into ``folder``."""
+        """base.yaml with the arm's settings, writing its run into ``folder``; the seed also orders the training
+        text (the data module's own seed), so that seeds differ in what they train on, not only in GPU rounding."""
         cfg = json.loads(json.dumps(self.base))
         cfg["seed_everything"] = seed
+        cfg["data"].setdefault("init_args", {})["seed"] = seed
         for key, value in settings.items():
             value = self.resolve(value)
             if key == "budget":
@@ -244,12 +269,6 @@ class Study:
 
     def fit(self, folder: Path, settings: dict, seed: int, gpu: int = 0) -> dict:
         resume = ["--ckpt_path", "last"] if (folder / "checkpoints" / "last.ckpt").exists() else []
-        if not resume and folder.exists():  # cut off before its first checkpoint: start again, the old one kept aside
-            n = 1
-            while folder.with_name(f"{folder.name}.interrupted-{n}").exists():
-                n += 1
-            folder.rename(folder.with_name(f"{folder.name}.interrupted-{n}"))
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(yaml.safe_dump(self.config(settings, seed, folder), sort_keys=False))
         chop(folder, gpu, "fit", "--config", str(folder / "config.yaml"), *resume)
         evals = sorted((folder / "checkpoints").glob("eval-step=*.json"), key=lambda p: int(re.findall(r"\d+", p.name)[0]))
@@ -260,25 +279,43 @@ class Study:
                 "recovery_flops": tb.get("train/flops", [0.0])[-1], "gpu_hours": tb.get("train/gpu_hours", [0.0])[-1],
                 **params_of(hf)}
 
-    def prune(self, folder: Path, settings: dict, gpu: int = 0) -> dict:
+    def prune_settings(self, settings: dict) -> dict:
         text = self.spec.get("prune_text", {})
-        settings = {**settings, **({k: text[k] for k in ("calibration_samples", "seq_len") if k in text}
-                                   if settings["method"] != "magnitude" else {})}
-        folder.mkdir(parents=True, exist_ok=True)
-        model = folder / "model"
-        if not (model / "config.json").exists():
-            chop(folder, gpu, "prune", "--model", self.spec["model"], "--out", str(model), "--pruning", json.dumps(settings),
-                 "--held_out_blocks", str(text.get("held_out_blocks", 0)),
-                 *(["--held_out_len", str(text["held_out_len"])] if "held_out_len" in text else []),
-                 *text.get("extra_args", []))
-        out = folder / "eval.json"
-        if not out.exists():
-            ev = self.spec["eval"]
-            chop(folder, gpu, "eval", "--model", str(model), "--tasks", f"{ev['tasks']},c4", "--output", str(out),
-                 *(["--data_dir", ev["data_dir"]] if ev.get("data_dir") else []), *(["--limit", str(ev["limit"])]
-                                                                                    if ev.get("limit") else []))
-        scores = self.scores(json.loads(out.read_text()))
+        return {**settings, **({k: text[k] for k in ("calibration_samples", "seq_len") if k in text}
+                               if settings["method"] != "magnitude" else {})}
+
+    def prune(self, folder: Path, settings: dict, gpu: int = 0) -> dict:
+        text, model = self.spec.get("prune_text", {}), folder / "model"
+        chop(folder, gpu, "prune", "--model", self.spec["model"], "--out", str(model),
+             "--pruning", json.dumps(self.prune_settings(settings)),
+             "--held_out_blocks", str(text.get("held_out_blocks", 0)),
+             *(["--held_out_len", str(text["held_out_len"])] if "held_out_len" in text else []),
+             *text.get("extra_args", []))
+        scores = self.evaluate(folder, model, gpu, folder / "eval.json")
         return {"before": scores, "after": scores, "recovery_flops": 0.0, **params_of(model)}
+
+    def reference(self, folder: Path, gpu: int = 0) -> dict:
+        """The model itself, scored as the pruned ones are: the reference row."""
+        from chop.models.loading import resolve
+
+        path = Path(resolve(self.spec["model"]))
+        if not path.is_dir():  # a hub id: the files from_pretrained reads, from its cache
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(self.spec["model"], allow_patterns=["*.json", "*.safetensors"]))
+        scores = self.evaluate(folder, self.spec["model"], gpu, folder / "eval.json")
+        return {"before": scores, "after": scores, "recovery_flops": 0.0, **params_of(path)}
+
+    def evaluate(self, folder: Path, model: Any, gpu: int, out: Path, dtype: Optional[str] = None,
+                 batch_size: Any = None) -> dict:
+        """``chop eval`` of ``model`` on study.yaml's tasks and held-out perplexity, written to ``out``."""
+        ev = self.spec["eval"]
+        batch_size = batch_size or ev.get("batch_size")
+        chop(folder, gpu, "eval", "--model", str(model), "--tasks", f"{ev['tasks']},c4", "--output", str(out),
+             *(["--dtype", dtype] if dtype else []), *(["--batch_size", str(batch_size)] if batch_size else []),
+             *(["--data_dir", ev["data_dir"]] if ev.get("data_dir") else []),
+             *(["--limit", str(ev["limit"])] if ev.get("limit") else []))
+        return self.scores(json.loads(out.read_text()))
 
     @staticmethod
     def scores(evaluation: dict) -> dict:
@@ -307,6 +344,54 @@ class Study:
         if record["offline_copy"] and source.exists():  # which texts (and package versions) the offline corpus holds
             record["data"]["offline_source"] = json.loads(source.read_text())
         return {**record, "seed": seed}
+
+    # --- the acceptance check of the best exports -------------------------------------------------------------------
+
+    def verify(self) -> dict:
+        """Loads the export of each section's best arm (first seed) with ``AutoModelForCausalLM.from_pretrained``
+        (``trust_remote_code``: layers of different widths) and scores it with ``chop eval`` in a new process, as the
+        run scored itself (a recovery run: float32 weights under bf16 autocast, the callback's batch size); writes
+        ``verify.json`` beside the runs, with each task's difference from result.json."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from chop.models.loading import load_model
+
+        out = {}
+        for section, spec in self.spec["sections"].items():
+            if not finished(self.runs, section):
+                continue
+            arm = self.best_arm(section)
+            folder = self.folder(section, arm, self.spec["seeds"][0])
+            kind = next(iter(spec["arms"][arm]))
+            if kind == "eval":
+                continue  # the dense model: nothing exported
+            export = sorted((folder / "checkpoints").glob("hf*"))[-1] if kind == "fit" else folder / "model"
+            net = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
+            ids = torch.arange(64).unsqueeze(0) * 7 % net.config.vocab_size
+            with torch.no_grad():  # the model chop eval builds is the one from_pretrained builds
+                logits_diff = (net(ids).logits - load_model(str(export)).eval()(ids).logits).abs().max().item()
+            scores = folder / "verify-eval.json"
+            scores.unlink(missing_ok=True)  # this file is verify's own, redone each time
+            if kind == "fit":
+                callback = next(c for c in json.loads((folder / "result.json").read_text())["settings"]["fit"][
+                    "trainer"]["callbacks"] if c["class_path"].endswith("ZeroShotEvalCallback"))["init_args"]
+                mixed = self.base["trainer"].get("precision") == "bf16-mixed"
+                again = self.evaluate(folder, export, 0, scores, "bf16-mixed" if mixed else None,
+                                      callback.get("batch_size", "auto"))
+            else:
+                again = self.evaluate(folder, export, 0, scores)
+            reported = json.loads((folder / "result.json").read_text())["after"]
+            acc = {t: abs(again["tasks"][t][0] - a) for t, (a, _) in reported["tasks"].items()}
+            out[section] = {"arm": arm, "seed": self.spec["seeds"][0], "export": str(export.relative_to(self.runs)),
+                            "params": sum(p.numel() for p in net.parameters()),
+                            "logits_max_abs_diff_chop_loader": logits_diff, "accuracy_abs_diff": acc,
+                            "perplexity": [reported["perplexity"], again["perplexity"]],
+                            "same": max(acc.values()) == 0 and again["perplexity"] == reported["perplexity"]}
+            print(f"verify: {section} / {arm}: {'the same' if out[section]['same'] else 'DIFFERENT'} "
+                  f"(largest accuracy difference {max(acc.values()):.4f})", flush=True)
+        (self.runs / "verify.json").write_text(json.dumps(out, indent=2))
+        return out
 
 
 def main() -> None:

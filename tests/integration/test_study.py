@@ -2,6 +2,7 @@
 and after) and an arm without recovery (`chop prune`, `chop eval`), each run's result.json with its provenance, a
 second run that skips what is finished, and the report's tables and plots."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
              "eval": {"tasks": "piqa,copa", "data_dir": str(EVAL_FIX), "limit": 4},
              "prune_text": {"held_out_blocks": 0,
                             "extra_args": ["--calibration.files", f"[{FIX / 'train.jsonl'}]"]},
-             "sections": {"placement": {"title": "Which layers", "arms": {
+             "sections": {"reference": {"title": "Dense", "arms": {"dense": {"eval": {}}}},
+                          "placement": {"title": "Which layers", "arms": {
                               "input": {"fit": {"model.init_args.chop": {"strategy": "input", "n_keep": 2}}}}},
                           "curvature": {"title": "No recovery", "arms": {
                               "magnitude 20%": {"prune": {"method": "magnitude", "sparsity": 0.2, "align": 4}},
@@ -36,7 +38,7 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     run = [sys.executable, str(ROOT / "recipes" / "study_smollm2" / "run.py"), "--study", str(tmp_path / "study.yaml"),
            "--runs", str(tmp_path / "runs"), "--at_once", "3"]
-    first = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)  # the three at once; one fails, alone
+    first = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)  # three at once; one fails, alone
     assert first.returncode == 1 and "1 run(s) failed" in first.stderr, first.stderr[-3000:]
     assert "FAILED: curvature / broken" in first.stdout and "sparsity" in first.stdout
     assert not (tmp_path / "runs" / "curvature" / "broken" / "seed0" / "result.json").exists()
@@ -46,10 +48,13 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
     assert fit["provenance"]["seed"] == 0 and len(fit["provenance"]["weights_sha256"]) == 64
     pruned = json.loads((tmp_path / "runs" / "curvature" / "magnitude-20" / "seed0" / "result.json").read_text())
     assert pruned["recovery_flops"] == 0 and pruned["params"] < fit["params"] + 10**9
+    dense = json.loads((tmp_path / "runs" / "reference" / "dense" / "seed0" / "result.json").read_text())
+    assert dense["params"] > pruned["nonzero_params"] and dense["after"]["tasks"].keys() == {"piqa", "copa"}
+    assert fit["settings"]["fit"]["data"]["init_args"]["seed"] == 0  # the seed orders the training text too
     del study["sections"]["curvature"]["arms"]["broken"]
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     again = subprocess.run(run + ["--verify"], capture_output=True, text=True, cwd=ROOT)  # nothing reruns
-    assert again.returncode == 0 and again.stdout.count("done:") == 2 and "running" not in again.stdout
+    assert again.returncode == 0 and again.stdout.count("done:") == 3 and "running" not in again.stdout
     # each section's best export loads with from_pretrained and scores with `chop eval` as the run reported
     verify = json.loads((tmp_path / "runs" / "verify.json").read_text())
     assert verify.keys() == {"placement", "curvature"} and all(v["same"] for v in verify.values()), verify
@@ -64,3 +69,14 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
     assert text.startswith("# The study\n\nWhat we found") and "| input | 1 |" in text and "| magnitude 20% | 1 |" in text
     assert "### The best arms' exports" in text and "| placement | input |" in text
     assert (tmp_path / "average_vs_params.png").exists() and (tmp_path / "placement.png").exists()
+    # a run whose settings differ from what the study now asks for is set aside, to run again
+    spec = importlib.util.spec_from_file_location("study_run", ROOT / "recipes" / "study_smollm2" / "run.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    study_now = runner.Study(tmp_path / "study.yaml", tmp_path / "runs")
+    done = tmp_path / "runs" / "curvature" / "magnitude-20" / "seed0"
+    assert study_now.is_done(("curvature", "magnitude 20%", 0))
+    old = json.loads((done / "result.json").read_text())
+    (done / "result.json").write_text(json.dumps({**old, "settings": {**old["settings"], "prune": {"sparsity": 0.3}}}))
+    assert not study_now.is_done(("curvature", "magnitude 20%", 0)) and not done.exists()
+    assert (done.parent / "seed0.superseded-1" / "result.json").exists()

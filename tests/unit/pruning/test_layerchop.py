@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from chop.models.loading import load_model
 from chop.models.registry import ARCHITECTURES
-from chop.pruning.layerchop import LayerChop, apply_chop, block_influence, chop
+from chop.pruning.layerchop import LayerChop, angular_block_distances, apply_chop, block_influence, chop
 
 
 def _identity_layer(layer):
@@ -107,6 +107,23 @@ def test_block_influence_matches_hand_computation_and_removes_identity_layers():
     assert plan.removed == [2, 4]
     angular = block_influence(load_model(config=TINY["llama"]).eval(), [x], angular=True)
     assert all(0 <= a <= 1 for a in angular)
+
+
+def test_angular_block_matches_hand_computation_and_removes_the_consecutive_layers_that_change_least():
+    """Gromov et al.'s block distance: two adjacent identity layers make a block of distance 0, removed whole (a lone
+    identity layer, 5, does not make a block of two)."""
+    model = load_model(config=TINY["llama"]).eval()
+    for i in (1, 2, 5):
+        _identity_layer(model.model.layers[i])
+    x = torch.randint(2, 128, (3, 10))
+    dist = angular_block_distances(model, [x], n=2)
+    assert len(dist) == model.config.num_hidden_layers - 1 and dist[1] == pytest.approx(0, abs=1e-6)
+    hs = model(x, output_hidden_states=True).hidden_states  # hs[i] = input of layer i (the last one is normed)
+    cos = torch.nn.functional.cosine_similarity(hs[3].double(), hs[5].double(), dim=-1).clamp(-1, 1)
+    assert dist[3] == pytest.approx((torch.arccos(cos) / torch.pi).mean().item(), abs=1e-6)
+    assert chop(model, LayerChop("angular_block", n_remove=2), calibration=[x]).removed == [1, 2]
+    with pytest.raises(ValueError, match="angular_block needs calibration"):
+        chop(load_model(config=TINY["llama"]), LayerChop("angular_block", n_remove=2))
 
 
 def test_plan_is_recorded_in_config(tmp_path):
