@@ -237,7 +237,6 @@ def block_influence(model: PreTrainedModel, batches: Iterable[torch.Tensor], ang
     """ShortGPT's Block Influence per layer: 1 - mean cos(h_in, h_out) over all calibration tokens."""
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0
 
     def hook(i: int):
         def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -250,20 +249,29 @@ def block_influence(model: PreTrainedModel, batches: Iterable[torch.Tensor], ang
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    was_training = model.training
+    return (sums / _run_hooked(model, batches, handles, "block_influence")).tolist()
+
+
+def _run_hooked(model: PreTrainedModel, batches: Iterable[torch.Tensor], handles: list, name: str,
+                after_batch: Optional[Callable[[], None]] = None) -> int:
+    """Run ``batches`` through ``model`` (eval mode, no gradients) with the hooks ``handles`` installed, removed
+    after; ``after_batch()`` after each batch. Returns the number of tokens seen."""
+    was_training, count = model.training, 0
     model.eval()
     try:
-        for input_ids in batches:
-            input_ids = input_ids.to(next(model.parameters()).device)
-            model(input_ids=input_ids, use_cache=False)
-            count += input_ids.numel()
+        with torch.no_grad():
+            for input_ids in batches:
+                model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+                count += input_ids.numel()
+                if after_batch is not None:
+                    after_batch()
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     if count == 0:
-        raise ValueError("chop: block_influence got no calibration tokens")
-    return (sums / count).tolist()
+        raise ValueError(f"chop: {name} got no calibration tokens")
+    return count
 
 
 def angular_block_distances(model: PreTrainedModel, batches: Iterable[torch.Tensor], n: int) -> list[float]:
@@ -273,7 +281,6 @@ def angular_block_distances(model: PreTrainedModel, batches: Iterable[torch.Tens
     n_layers = len(layers)
     sums = torch.zeros(n_layers - n + 1, dtype=torch.float64)
     states: list = [None] * (n_layers + 1)
-    count = 0
 
     def keep_input(i: int):
         def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -284,27 +291,16 @@ def angular_block_distances(model: PreTrainedModel, batches: Iterable[torch.Tens
     def keep_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         states[n_layers] = output[0] if isinstance(output, (tuple, list)) else output
 
+    def accumulate() -> None:
+        for start in range(n_layers - n + 1):
+            cos = torch.nn.functional.cosine_similarity(states[start].double(), states[start + n].double(),
+                                                        dim=-1).clamp(-1, 1)
+            sums[start] += (torch.arccos(cos) / math.pi).sum().cpu()
+        states[:] = [None] * (n_layers + 1)
+
     handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(keep_output, with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for input_ids in batches:
-                model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
-                for start in range(n_layers - n + 1):
-                    cos = torch.nn.functional.cosine_similarity(states[start].double(), states[start + n].double(),
-                                                                dim=-1).clamp(-1, 1)
-                    sums[start] += (torch.arccos(cos) / math.pi).sum().cpu()
-                count += input_ids.numel()
-                states[:] = [None] * (n_layers + 1)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("chop: angular_block got no calibration tokens")
-    return (sums / count).tolist()
+    return (sums / _run_hooked(model, batches, handles, "angular_block", accumulate)).tolist()
 
 
 def chop(model: PreTrainedModel, spec: LayerChop, calibration: Optional[Iterable[torch.Tensor]] = None) -> ChopPlan:
