@@ -220,11 +220,13 @@ class Study:
                 blocked = waiting | {s for s, _, _ in failed}
                 ready = [j for j in todo if not self.needs(j[0]) & blocked]
                 late = stop_after is not None and time.time() - start > stop_after
+                skipped = False
                 while ready and len(running) < at_once and not late:
                     job = ready.pop(0)
                     todo.remove(job)
                     if self.is_done(job):
                         print(f"done: {job[0]} / {job[1]} / seed {job[2]}")
+                        skipped = True  # a section it finished may be what another waits for: look again
                         continue
                     with lock:
                         gpu = busy.index(min(busy))
@@ -234,6 +236,8 @@ class Study:
                           flush=True)
                     running[pool.submit(one, job, gpu)] = job
                 if not running:
+                    if skipped:
+                        continue
                     break  # stopped, or what is left needs a section that failed
                 finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished_now:

@@ -80,3 +80,37 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
     (done / "result.json").write_text(json.dumps({**old, "settings": {**old["settings"], "prune": {"sparsity": 0.3}}}))
     assert not study_now.is_done(("curvature", "magnitude 20%", 0)) and not done.exists()
     assert (done.parent / "seed0.superseded-1" / "result.json").exists()
+
+
+def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_that_one_was_done_before(tmp_path):
+    """Scheduling alone (no chop run): a section that needs another's best arm runs after it, whether that one runs
+    now or finished in an earlier session; a run out of GPU memory is tried once more."""
+    spec = importlib.util.spec_from_file_location("study_run", ROOT / "recipes" / "study_smollm2" / "run.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "trainer": {"callbacks": [], "logger": {"init_args": {}}}, "data": {"init_args": {}}}))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml", "model": "m", "seeds": [0], "eval": {"tasks": "piqa"},
+        "sections": {"placement": {"title": "A", "arms": {"x": {"fit": {"model.init_args.chop": {"n": 1}}}}},
+                     "recovery": {"title": "B", "arms": {"y": {"fit": {"model.init_args.chop": "{best: placement}"}}}}}}))
+    ran, ooms = [], []
+
+    def fake_fit(study, folder, settings, seed):
+        if not ooms:
+            ooms.append(folder)
+            raise runner.RunFailed("CUDA out of memory", out_of_memory=True)
+        ran.append((folder.parent.parent.name, study.config(settings, seed, folder)["model"]["init_args"]["chop"]))
+        score = {"tasks": {}, "average": 0.5, "just_chop_average": 0.5, "perplexity": 10.0}
+        return {"before": score, "after": score, "recovery_flops": 1.0, "params": 1, "nonzero_params": 1}
+
+    def study():
+        s = runner.Study(tmp_path / "study.yaml", tmp_path / "runs")
+        s.fit = lambda folder, settings, seed, gpu=0: fake_fit(s, folder, settings, seed)
+        s.provenance = lambda seed: {"seed": seed, "commit": "c"}
+        return s
+
+    study().run(["placement"])  # an earlier session: placement alone (its first try runs out of memory)
+    assert [r[0] for r in ran] == ["placement"] and len(ooms) == 1
+    study().run([], at_once=2)  # placement finished before: recovery starts, with placement's best arm
+    assert [r[0] for r in ran] == ["placement", "recovery"] and ran[1][1] == {"n": 1}
