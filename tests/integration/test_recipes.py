@@ -92,7 +92,7 @@ def test_why_lift_so_heavy_recipe_runs_with_local_sources(tmp_path, monkeypatch,
 
 def test_every_study_arm_is_a_config_chop_fit_accepts(tmp_path, monkeypatch):
     """recipes/study_smollm2: base.yaml plus each recovery arm's settings (the best placement stood in by `input`)
-    parses as a `chop fit` config; each arm without recovery is settings a pruner accepts."""
+    parses as a `chop fit` config; each pruning arm is settings a pruner accepts; the reference arm takes none."""
     import importlib.util
 
     from chop.pruning.registry import pruner_from
@@ -107,6 +107,9 @@ def test_every_study_arm_is_a_config_chop_fit_accepts(tmp_path, monkeypatch):
         for arm, how in section["arms"].items():
             if "prune" in how:
                 pruner_from(how["prune"])
+                continue
+            if "eval" in how:  # the dense reference: the model itself through chop eval
+                assert how["eval"] == {}
                 continue
             path = tmp_path / f"{run.slug(arm)}.yaml"
             path.write_text(yaml.safe_dump(study.config(how["fit"], 0, tmp_path / "x" / "seed0")))
