@@ -113,8 +113,10 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
         check_output(output)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype not in ("float32", "bfloat16", "float16", "bf16-mixed"):
-        raise ValueError(f"--dtype: '{dtype}' is not one of float32, bfloat16, float16, bf16-mixed")
+    from chop.models.loading import DTYPES
+
+    if dtype not in (*DTYPES, "bf16-mixed"):
+        raise ValueError(f"--dtype: '{dtype}' is not one of {[*DTYPES, 'bf16-mixed']}")
     mixed = dtype == "bf16-mixed"
     clock = Clock()
     tokenizer, chosen = tokenizer_of(model), get(tasks)

@@ -307,14 +307,14 @@ def chop(model: PreTrainedModel, spec: LayerChop, calibration: Optional[Iterable
     """Chop ``model`` in place by ``spec`` and return the plan."""
     architecture(model.config)  # an unsupported model is named before its target is judged
     n_layers = num_layers(model.config)
-    spec.n_to_remove(n_layers)
+    n = spec.n_to_remove(n_layers)
     scores = None
     if spec.needs_calibration and calibration is None:
         raise ValueError(f"chop: strategy {spec.strategy} needs calibration batches")
     if spec.strategy == "block_influence":
         scores = block_influence(model, calibration, angular=spec.angular)
     elif spec.strategy == "angular_block":
-        scores = angular_block_distances(model, calibration, spec.n_to_remove(n_layers))
+        scores = angular_block_distances(model, calibration, n)
     removed = spec.removed(n_layers, scores=scores)
     kept = [i for i in range(n_layers) if i not in set(removed)]
     before = num_params(model)

@@ -13,9 +13,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
-from typing import Optional
-
-import yaml
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 MARKER = "<!-- everything below is written by report.py -->"
@@ -79,11 +77,9 @@ def timing(spec: dict, results: dict) -> list[str]:
     return lines + [""]
 
 
-def stale(study: Path, runs: Path, section: str, results: dict, model: Optional[str]) -> list[str]:
-    """A line naming the runs of ``section`` that ran with other settings than study.yaml's now (run.py reruns them)."""
-    from run import Study
-
-    now = Study(study, runs, model)
+def stale(now: Any, section: str, results: dict) -> list[str]:
+    """A line naming the runs of ``section`` that ran with other settings than ``now`` (run.py's Study of study.yaml
+    as it is) asks for: run.py reruns them."""
     old = sorted({(r["arm"], r["provenance"]["commit"][:10]) for (s, arm), rs in results.items() if s == section
                   and arm in now.spec["sections"][section]["arms"] for r in rs
                   if r.get("settings") != now.settings(section, arm, r["seed"])})
@@ -122,15 +118,18 @@ def plots(spec: dict, results: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out.parent / f"{prefix}{name}.png", dpi=120)
+        made.append(f"{prefix}{name}.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for (section, arm), rs in results.items():
         ax.scatter([r["nonzero_params"] / 1e6 for r in rs], [r["after"]["just_chop_average"] for r in rs], s=14)
         ax.annotate(arm, (rs[0]["nonzero_params"] / 1e6, rs[0]["after"]["just_chop_average"]), fontsize=6)
     ax.set_xlabel("parameters kept, non-zero (M)")
     ax.set_ylabel("6-task average (after recovery, where there is one)")
-    fig.tight_layout()
-    fig.savefig(out.parent / f"{prefix}average_vs_params.png", dpi=120)
-    made.append(f"{prefix}average_vs_params.png")
+    save(fig, "average_vs_params")
     fig, ax = plt.subplots(figsize=(6, 4))
     for (section, arm), rs in results.items():
         if rs[0]["recovery_flops"]:
@@ -139,9 +138,7 @@ def plots(spec: dict, results: dict, out: Path) -> list[str]:
     ax.set_xlabel("recovery FLOPs")
     ax.set_ylabel("held-out perplexity")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out.parent / f"{prefix}perplexity_vs_flops.png", dpi=120)
-    made.append(f"{prefix}perplexity_vs_flops.png")
+    save(fig, "perplexity_vs_flops")
     placement = [(arm, rs) for (section, arm), rs in results.items() if section == "placement"]
     if placement:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -153,21 +150,21 @@ def plots(spec: dict, results: dict, out: Path) -> list[str]:
         ax.set_ylabel("6-task average")
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out.parent / f"{prefix}placement.png", dpi=120)
-        made.append(f"{prefix}placement.png")
+        save(fig, "placement")
     plt.close("all")
     return made
 
 
 def render(study: Path, runs: Path, out: Path, model: Optional[str] = None) -> None:
-    spec = yaml.safe_load(study.read_text())
-    results = load(runs)
+    from run import Study  # run.py, beside this file
+
+    now = Study(study, runs, model)
+    spec, results = now.spec, load(runs)
     lines = [MARKER, "", "## Results", ""]
     if not results:
         lines += ["No run has finished yet: `python recipes/study_smollm2/run.py` (with a GPU), then this script.", ""]
     for section, s in spec["sections"].items():
-        lines += [f"### {s['title']}", ""] + table(spec, section, results) + stale(study, runs, section, results, model)
+        lines += [f"### {s['title']}", ""] + table(spec, section, results) + stale(now, section, results)
     if results:
         lines += [f"![{p}]({p})" for p in plots(spec, results, out)] + [""]
         prov = next(iter(results.values()))[0]["provenance"]

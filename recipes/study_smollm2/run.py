@@ -380,15 +380,16 @@ class Study:
                 logits_diff = (net(ids).logits - load_model(str(export)).eval()(ids).logits).abs().max().item()
             scores = folder / "verify-eval.json"
             scores.unlink(missing_ok=True)  # this file is verify's own, redone each time
-            if kind == "fit":
-                callback = next(c for c in json.loads((folder / "result.json").read_text())["settings"]["fit"][
-                    "trainer"]["callbacks"] if c["class_path"].endswith("ZeroShotEvalCallback"))["init_args"]
-                mixed = self.base["trainer"].get("precision") == "bf16-mixed"
-                again = self.evaluate(folder, export, 0, scores, "bf16-mixed" if mixed else None,
-                                      callback.get("batch_size", "auto"))
+            result = json.loads((folder / "result.json").read_text())
+            if kind == "fit":  # as the run scored itself: its precision, its callback's batch size
+                trainer = result["settings"]["fit"]["trainer"]
+                callback = next(c for c in trainer["callbacks"] if c["class_path"].endswith("ZeroShotEvalCallback"))
+                again = self.evaluate(folder, export, 0, scores,
+                                      "bf16-mixed" if trainer.get("precision") == "bf16-mixed" else None,
+                                      callback["init_args"].get("batch_size", "auto"))
             else:
                 again = self.evaluate(folder, export, 0, scores)
-            reported = json.loads((folder / "result.json").read_text())["after"]
+            reported = result["after"]
             acc = {t: abs(again["tasks"][t][0] - a) for t, (a, _) in reported["tasks"].items()}
             out[section] = {"arm": arm, "seed": self.spec["seeds"][0], "export": str(export.relative_to(self.runs)),
                             "params": sum(p.numel() for p in net.parameters()),
