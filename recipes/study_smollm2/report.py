@@ -42,9 +42,11 @@ def table(spec: dict, section: str, results: dict) -> list[str]:
     if not arms:
         return ["Not run yet.", ""]
     tasks = sorted({t for a in arms for r in results[(section, a)] for t in r["after"]["tasks"]})
+    chopped = any(r.get("removed_layers") for a in arms for r in results[(section, a)])  # a column: which layers
     lines = ["| arm | seeds | parameters (non-zero) | recovery FLOPs | 6-task avg before | 6-task avg after | "
-             "suite avg after | held-out ppl before | after | " + " | ".join(tasks) + " |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
+             "suite avg after | held-out ppl before | after | " + ("layers removed (per seed where they differ) | "
+                                                                  if chopped else "") + " | ".join(tasks) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if chopped else "") + "---:|" * len(tasks)]
     for arm in arms:
         rs = results[(section, arm)]
         cells = [arm, str(len(rs)), f"{rs[0]['nonzero_params'] / 1e6:.1f}M", f"{rs[0]['recovery_flops']:.2g}",
@@ -52,6 +54,8 @@ def table(spec: dict, section: str, results: dict) -> list[str]:
                  mean_spread([r["after"]["just_chop_average"] for r in rs]),
                  mean_spread([r["after"]["average"] for r in rs]),
                  mean_spread([r["before"]["perplexity"] for r in rs]), mean_spread([r["after"]["perplexity"] for r in rs])]
+        if chopped:
+            cells.append(" / ".join(sorted({",".join(map(str, r["removed_layers"])) for r in rs if r.get("removed_layers")})))
         for t in tasks:  # accuracy, mean over seeds, with the task's own stderr of the first seed
             accs = [r["after"]["tasks"][t][0] for r in rs if t in r["after"]["tasks"]]
             err = rs[0]["after"]["tasks"].get(t, [None, None])[1]
@@ -92,6 +96,13 @@ def stale(now: Any, section: str, results: dict) -> list[str]:
             f"again.", ""]
 
 
+def pending(now: Any, section: str, results: dict) -> list[str]:
+    """A line naming the runs of ``section`` that study.yaml asks for and that have not finished: run.py runs them."""
+    done = {(r["arm"], r["seed"]) for (s, _), rs in results.items() if s == section for r in rs}
+    todo = [f"{arm} (seed {seed})" for s, arm, seed in now.jobs([section]) if (arm, seed) not in done]
+    return [f"Not finished yet: {', '.join(todo)}; the next `run.py` runs them.", ""] if todo else []
+
+
 def verified(runs: Path) -> list[str]:
     """The exports of each section's best arm, loaded with from_pretrained and scored again (run.py --verify)."""
     path = runs / "verify.json"
@@ -103,6 +114,9 @@ def verified(runs: Path) -> list[str]:
              "| section | arm | parameters | largest accuracy difference | held-out ppl, reported → again | same |",
              "|---|---|---:|---:|---:|---|"]
     for section, v in json.loads(path.read_text()).items():
+        if v["same"] is None:
+            lines.append(f"| {section} | {v['arm']} | | | | not checked: {v['why']} |")
+            continue
         before, again = v["perplexity"]
         lines.append(f"| {section} | {v['arm']} | {v['params'] / 1e6:.1f}M | {max(v['accuracy_abs_diff'].values()):.4f} "
                      f"| {before:.4g} → {again:.4g} | {'yes' if v['same'] else 'no'} |")
@@ -164,7 +178,7 @@ def render(study: Path, runs: Path, out: Path, model: Optional[str] = None) -> N
     if not results:
         lines += ["No run has finished yet: `python recipes/study_smollm2/run.py` (with a GPU), then this script.", ""]
     for section, s in spec["sections"].items():
-        lines += [f"### {s['title']}", ""] + table(spec, section, results) + stale(now, section, results)
+        lines += [f"### {s['title']}", ""] + table(spec, section, results) + pending(now, section, results) + stale(now, section, results)
     if results:
         lines += [f"![{p}]({p})" for p in plots(spec, results, out)] + [""]
         prov = next(iter(results.values()))[0]["provenance"]

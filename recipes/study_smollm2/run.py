@@ -177,13 +177,14 @@ class Study:
         set_aside(folder, "superseded")
         return False
 
-    def run(self, sections: list[str], at_once: int = 1, stop_after: Optional[float] = None) -> None:
-        """Runs the asked-for runs not finished yet, ``at_once`` at a time spread over the GPUs (a 135M model leaves
-        most of an H200 idle), each after the sections it needs; none starts after ``stop_after`` seconds. A run that
-        runs out of GPU memory beside the others is tried once more, later."""
+    def run(self, sections: list[str], at_once: int = 1, stop_after: Optional[float] = None,
+            jobs: Optional[list[tuple[str, str, int]]] = None) -> None:
+        """Runs the asked-for runs (``jobs``, or those of ``sections``) not finished yet, ``at_once`` at a time spread
+        over the GPUs (a 135M model leaves most of an H200 idle), each after the sections it needs; none starts after
+        ``stop_after`` seconds. A run that runs out of GPU memory beside the others is tried once more, later."""
         start, visible = time.time(), torch_gpus()
         gpus = max(1, visible)
-        todo, busy, lock = self.jobs(sections), [0] * gpus, threading.Lock()
+        todo, busy, lock = list(jobs) if jobs is not None else self.jobs(sections), [0] * gpus, threading.Lock()
         failed: list[tuple[str, str, int]] = []
         retried: set[tuple[str, str, int]] = set()
 
@@ -281,7 +282,9 @@ class Study:
         evals = sorted((folder / "checkpoints").glob("eval-step=*.json"), key=lambda p: int(re.findall(r"\d+", p.name)[0]))
         tb = scalars(folder)
         hf = sorted((folder / "checkpoints").glob("hf*"))[-1]
-        return {"before": self.scores(json.loads(evals[0].read_text())),
+        plan = folder / "checkpoints" / "chop_plan.json"  # which layers a chop removed (block_influence: by the text)
+        return {"removed_layers": json.loads(plan.read_text())["removed"] if plan.exists() else None,
+                "before": self.scores(json.loads(evals[0].read_text())),
                 "after": self.scores(json.loads(evals[-1].read_text())),
                 "recovery_flops": tb.get("train/flops", [0.0])[-1], "gpu_hours": tb.get("train/gpu_hours", [0.0])[-1],
                 **params_of(hf)}
@@ -354,26 +357,45 @@ class Study:
 
     # --- the acceptance check of the best exports -------------------------------------------------------------------
 
-    def verify(self) -> dict:
+    @staticmethod
+    def export(folder: Path, kind: str) -> Optional[Path]:
+        """Where a run saved its model (a recovery run: its last ``hf*`` export), or None where it is not here."""
+        found = sorted((folder / "checkpoints").glob("hf*"))[-1:] if kind == "fit" else [folder / "model"]
+        return found[0] if found and (found[0] / "config.json").exists() else None
+
+    def verify(self, at_once: int = 1) -> dict:
         """Loads the export of each section's best arm (first seed) with ``AutoModelForCausalLM.from_pretrained``
         (``trust_remote_code``: layers of different widths) and scores it with ``chop eval`` in a new process, as the
         run scored itself (a recovery run: float32 weights under bf16 autocast, the callback's batch size); writes
-        ``verify.json`` beside the runs, with each task's difference from result.json."""
+        ``verify.json`` beside the runs, with each task's difference from result.json. A best run whose export is not
+        here (git keeps only result.json; the run was on another machine) runs again first, its old result set aside."""
         import torch
         from transformers import AutoModelForCausalLM
 
         from chop.models.loading import load_model
 
+        def best_runs() -> dict[str, tuple[str, str, int]]:
+            return {section: (section, self.best_arm(section), self.spec["seeds"][0])
+                    for section, spec in self.spec["sections"].items()
+                    if finished(self.runs, section) and "eval" not in spec["arms"][self.best_arm(section)]}
+
+        missing = [job for section, job in best_runs().items()
+                   if self.export(self.folder(*job), next(iter(self.spec["sections"][section]["arms"][job[1]]))) is None]
+        if missing:
+            print("verify: no export here of " + ", ".join(f"{s} / {a} / seed {n}" for s, a, n in missing)
+                  + "; running again", flush=True)
+            for job in missing:
+                set_aside(self.folder(*job), "no-export")
+            self.run([], at_once, jobs=missing)
         out = {}
-        for section, spec in self.spec["sections"].items():
-            if not finished(self.runs, section):
+        for section, (_, arm, seed) in best_runs().items():
+            folder = self.folder(section, arm, seed)
+            kind = next(iter(self.spec["sections"][section]["arms"][arm]))
+            export = self.export(folder, kind)
+            if export is None:  # its rerun changed which arm is best, and that one's export is elsewhere
+                out[section] = {"arm": arm, "seed": seed, "same": None, "why": "no export here; run --verify again"}
+                print(f"verify: {section} / {arm}: no export here; run --verify again", flush=True)
                 continue
-            arm = self.best_arm(section)
-            folder = self.folder(section, arm, self.spec["seeds"][0])
-            kind = next(iter(spec["arms"][arm]))
-            if kind == "eval":
-                continue  # the dense model: nothing exported
-            export = sorted((folder / "checkpoints").glob("hf*"))[-1] if kind == "fit" else folder / "model"
             net = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
             ids = torch.arange(64).unsqueeze(0) * 7 % net.config.vocab_size
             with torch.no_grad():  # the model chop eval builds is the one from_pretrained builds
@@ -391,7 +413,7 @@ class Study:
                 again = self.evaluate(folder, export, 0, scores)
             reported = result["after"]
             acc = {t: abs(again["tasks"][t][0] - a) for t, (a, _) in reported["tasks"].items()}
-            out[section] = {"arm": arm, "seed": self.spec["seeds"][0], "export": str(export.relative_to(self.runs)),
+            out[section] = {"arm": arm, "seed": seed, "export": str(export.relative_to(self.runs)),
                             "params": sum(p.numel() for p in net.parameters()),
                             "logits_max_abs_diff_chop_loader": logits_diff, "accuracy_abs_diff": acc,
                             "perplexity": [reported["perplexity"], again["perplexity"]],
@@ -421,7 +443,7 @@ def main() -> None:
     study = Study(a.study, a.runs, a.model)
     study.run(a.only, a.at_once, a.stop_after)
     if a.verify:
-        study.verify()
+        study.verify(a.at_once)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ second run that skips what is finished, and the report's tables and plots."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import yaml
 from helpers import EVAL_FIX, FIX, ROOT, TINY_CPU, tiny_llama
 
 
-def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
+def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch):
     model = tiny_llama(tmp_path / "model", layers=4)
     base = yaml.safe_load(open(TINY_CPU))
     base["model"]["init_args"].pop("config")
@@ -53,8 +54,13 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
     assert fit["settings"]["fit"]["data"]["init_args"]["seed"] == 0  # the seed orders the training text too
     del study["sections"]["curvature"]["arms"]["broken"]
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    again = subprocess.run(run + ["--verify"], capture_output=True, text=True, cwd=ROOT)  # nothing reruns
-    assert again.returncode == 0 and again.stdout.count("done:") == 3 and "running" not in again.stdout
+    # git keeps only result.json: a best run whose export is not here (it ran elsewhere) runs again for --verify
+    shutil.rmtree(tmp_path / "runs" / "curvature" / "magnitude-20" / "seed0" / "model")
+    again = subprocess.run(run + ["--verify"], capture_output=True, text=True, cwd=ROOT)  # nothing else reruns
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done:") == 3 and again.stdout.count("running:") == 1, again.stdout
+    assert "running: curvature / magnitude 20% / seed 0" in again.stdout
+    assert (tmp_path / "runs" / "curvature" / "magnitude-20" / "seed0.no-export-1" / "result.json").exists()
     # each section's best export loads with from_pretrained and scores with `chop eval` as the run reported
     verify = json.loads((tmp_path / "runs" / "verify.json").read_text())
     assert verify.keys() == {"placement", "curvature"} and all(v["same"] for v in verify.values()), verify
@@ -80,6 +86,9 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path):
     (done / "result.json").write_text(json.dumps({**old, "settings": {**old["settings"], "prune": {"sparsity": 0.3}}}))
     assert not study_now.is_done(("curvature", "magnitude 20%", 0)) and not done.exists()
     assert (done.parent / "seed0.superseded-1" / "result.json").exists()
+    monkeypatch.syspath_prepend(str(ROOT / "recipes" / "study_smollm2"))  # report.py imports run.py beside it
+    report = importlib.import_module("report")  # the report names the run the next run.py does
+    assert "magnitude 20% (seed 0)" in report.pending(study_now, "curvature", report.load(tmp_path / "runs"))[0]
 
 
 def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_that_one_was_done_before(tmp_path):
