@@ -7,7 +7,9 @@ intermediate 5632, vocab 32000), sequence 2048, bf16-mixed (fp32 weights, bf16 a
 A variant is `plain` (a hand-written loop over the HF model with random tokens) or `chop` (Lightning Trainer +
 ContinuedPretraining + StreamingDataModule reading and tokenizing FILE with 4 workers), then any of `+compile`
 (torch.compile: the whole model for plain, the body for chop's `model.compile`), `+liger` (chop's
-`model.kernels: liger`; with +compile, liger's fused cross-entropy alone) and `@B` (micro-batch B, default --batch). Each variant runs in its own process (liger
+`model.kernels: liger`; with +compile, liger's fused cross-entropy alone), `+cudnn`/`+flash`/`+efficient` (chop's
+`model.sdpa_backend`: SDPA tries that backend first; the JSON records the attention kernels a probe of the model's
+attention shapes ran under it) and `@B` (micro-batch B, default --batch). Each variant runs in its own process (liger
 patches transformers' modules for the whole process). Tokens/s are timed from step `--warmup` to the last step
 (compilation excluded). MFU uses 6N + 12*L*d*s FLOPs per token over a 989 TFLOP/s peak (dense bf16, H100/H200).
 Prints a table and writes train_throughput.json ($OUT, else benchmarks/results/) with its provenance.
@@ -72,7 +74,7 @@ def step_timer(warmup: int):
     return Timer()
 
 
-def chop_fit(args, compile_: bool, kernels: str = "torch") -> float:
+def chop_fit(args, compile_: bool, kernels: str = "torch", sdpa: str = None) -> float:
     import lightning as L
 
     from chop.training.pretraining_data import StreamingDataModule
@@ -81,7 +83,7 @@ def chop_fit(args, compile_: bool, kernels: str = "torch") -> float:
 
     timer = step_timer(args.warmup)
     model = ContinuedPretraining(tokenizer=args.tokenizer, config=LLAMA_1B, dtype="float32", compile=compile_,
-                                 kernels=kernels, optim=Optim(lr=3e-4, warmup_steps=10), export_on_end=False)
+                                 kernels=kernels, sdpa_backend=sdpa, optim=Optim(lr=3e-4, warmup_steps=10), export_on_end=False)
     data = StreamingDataModule(tokenizer=args.tokenizer, train_files=[args.train_files], seq_len=args.seq,
                                batch_size=args.batch, num_workers=4, shuffle_buffer=1000)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=args.steps, logger=False,
@@ -97,12 +99,33 @@ def variant(args, name: str) -> dict:
     args.batch = int(batch) if batch else args.batch
     parts = kind.split("+")
     if parts[0] == "plain":
-        if "liger" in parts:
-            raise SystemExit(f"--variants: '{name}': +liger is chop's switch (model.kernels); the plain loop has none")
+        if set(parts) & {"liger", "cudnn", "flash", "efficient"}:
+            raise SystemExit(f"--variants: '{name}': +liger and the SDPA backends are chop's switches (model.kernels, "
+                             f"model.sdpa_backend); the plain loop has none")
         tps = plain(args, compile_="compile" in parts)
     else:
-        tps = chop_fit(args, compile_="compile" in parts, kernels="liger" if "liger" in parts else "torch")
+        sdpa = next((p for p in parts if p in ("cudnn", "flash", "efficient")), None)
+        tps = chop_fit(args, compile_="compile" in parts, kernels="liger" if "liger" in parts else "torch", sdpa=sdpa)
+        return {"tokens_per_s": tps, "batch": args.batch, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "attention_kernels": attention_kernels(args, sdpa)}
     return {"tokens_per_s": tps, "batch": args.batch, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def attention_kernels(args, first) -> list[str]:
+    """The CUDA kernels SDPA runs (forward and backward) for this model's attention shapes (32 query heads over 4
+    key/value heads, head dim 64, causal, bf16, as transformers calls it) when ``first`` is tried first."""
+    from chop.models.kernels import sdpa_backend
+
+    q = torch.randn(args.batch, 32, args.seq, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kv = [torch.randn(args.batch, 4, args.seq, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+          for _ in range(2)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with sdpa_backend(first):
+            out = F.scaled_dot_product_attention(q, *kv, is_causal=True, enable_gqa=True)
+        out.sum().backward()
+        torch.cuda.synchronize()
+    return sorted({e.name[:80] for e in prof.events() if "attn" in e.name.lower() or "attention" in e.name.lower()
+                   or "fmha" in e.name.lower() or "flash" in e.name.lower() or "cudnn" in e.name.lower()})
 
 
 def main() -> None:

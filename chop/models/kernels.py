@@ -1,4 +1,5 @@
-"""Fused kernels for training: ``torch`` (the model's own modules) or ``liger`` (liger-kernel's Triton kernels).
+"""Fused kernels for training: ``torch`` (the model's own modules) or ``liger`` (liger-kernel's Triton kernels); and
+which of PyTorch's attention backends SDPA tries first (``sdpa_backend``).
 
 ``liger`` swaps, in a loaded model, RMSNorm, rotary embeddings and the SwiGLU MLP for liger-kernel's fused kernels,
 and lets the LM loss use its fused linear cross-entropy (``fused_cross_entropy``): the head and the loss in one
@@ -8,12 +9,41 @@ kernel per chunk of tokens, no ``[tokens, vocab]`` logits. The same arithmetic t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from typing import Any, Literal, Optional
+from typing import Any, ContextManager, Literal, Optional
 
 import torch
 
 Kernels = Literal["torch", "liger"]
+# PyTorch's order is flash, efficient, math, cudnn: cuDNN's attention (often the fastest on Hopper) never runs unless
+# asked for first.
+SdpaBackend = Literal["flash", "cudnn", "efficient", "math"]
+_SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def sdpa_backend(first: Optional[str]) -> ContextManager:
+    """A context in which ``scaled_dot_product_attention`` tries backend ``first`` before the others (which still run
+    where it cannot, e.g. a shape it does not support); None: PyTorch's own order. The backward follows the forward."""
+    if first is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [getattr(SDPBackend, _SDPA[first])] + [getattr(SDPBackend, n) for b, n in _SDPA.items() if b != first]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def check_sdpa_backend(first: Optional[str], attn_implementation: Optional[str],
+                       field: str = "model.sdpa_backend") -> None:
+    """Refuse, before any weights load, a backend that is not one, or one for attention that does not run through
+    SDPA."""
+    if first is None:
+        return
+    if first not in _SDPA:
+        raise ValueError(f"{field}: '{first}' is not one of {list(_SDPA)}")
+    if attn_implementation != "sdpa":
+        raise ValueError(f"{field}: '{first}' chooses among PyTorch's SDPA backends, and model.attn_implementation is "
+                         f"'{attn_implementation}'; set model.attn_implementation: sdpa, or leave {field} unset")
 
 
 def check_kernels(kernels: str, config: Any, field: str = "model.kernels") -> None:
@@ -32,11 +62,16 @@ def check_kernels(kernels: str, config: Any, field: str = "model.kernels") -> No
                          f"{sorted(supported)}); set {field}: torch")
 
 
-def check_device(kernels: str, device: torch.device, field: str = "model.kernels") -> None:
-    """Refuse liger's kernels on anything but a CUDA device, before the model loads."""
+def check_device(kernels: str, device: torch.device, field: str = "model.kernels",
+                 first_sdpa: Optional[str] = None) -> None:
+    """Refuse liger's kernels, and SDPA backends other than math, on anything but a CUDA device, before the model
+    loads."""
     if kernels == "liger" and device.type != "cuda":
         raise ValueError(f"{field}: liger-kernel's Triton kernels run on CUDA GPUs only, and this run's device is "
                          f"'{device.type}'; set {field}: torch, or train on a GPU (trainer.accelerator: gpu)")
+    if first_sdpa not in (None, "math") and device.type != "cuda":
+        raise ValueError(f"model.sdpa_backend: '{first_sdpa}' runs on CUDA GPUs only, and this run's device is "
+                         f"'{device.type}'; leave model.sdpa_backend unset, or train on a GPU")
 
 
 def apply_kernels(model: Any, kernels: str) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from chop.models.kernels import apply_kernels
+from chop.models.kernels import apply_kernels, sdpa_backend
 from chop.models.loading import DTYPES, load_config, load_model, load_tokenizer
 from chop.models.registry import decoder_layers, num_layers, output_head
 from chop.training.flops import ModelSize
@@ -252,7 +252,7 @@ class Distillation(ContinuedPretraining):
         cfg = self.loss_cfg
         self._capturing = bool(cfg.hidden or cfg.embedding)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), sdpa_backend(self.sdpa_backend):
                 teacher_hidden = self._teacher_body(input_ids=inputs, use_cache=False).last_hidden_state
             hidden = self.hidden_states(inputs)
         finally:

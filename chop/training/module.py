@@ -17,7 +17,8 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from chop.models.checkpoint import CKPT_KEY, config_differences, export_hf, read_checkpoint_meta
-from chop.models.kernels import Kernels, apply_kernels, check_device, check_kernels
+from chop.models.kernels import (Kernels, SdpaBackend, apply_kernels, check_device, check_kernels, check_sdpa_backend,
+                                 sdpa_backend)
 from chop.models.loading import DTYPES, from_config, load_config, load_model
 from chop.models.registry import num_layers, output_head
 from chop.pruning.layerchop import ChopPlan, LayerChop
@@ -39,6 +40,8 @@ class CausalLMModule(L.LightningModule):
         config: a config dict with ``model_type`` for a random-init model, or overrides of ``name``'s config.
         dtype: parameter dtype (``float32`` with ``bf16-mixed`` precision on GPU is the usual choice).
         attn_implementation: ``sdpa``, ``flash_attention_2`` or ``eager``.
+        sdpa_backend: which of PyTorch's SDPA backends attention tries first (``flash``, ``cudnn``, ``efficient``,
+            ``math``; the others still run where it cannot); unset: PyTorch's own order, which never reaches cuDNN's.
         chop: which layers to delete before training (None: train the model as it is).
         pruning: a pruning method (``method``: surgeon, obd, magnitude, wanda, activation; ``chop.pruning.registry``)
             applied to the (chopped) model before training, calibrated on ``pruning.calibration_samples`` sequences
@@ -68,6 +71,7 @@ class CausalLMModule(L.LightningModule):
         optim: optim.Optim = optim.Optim(),
         compile: bool = False,
         kernels: Kernels = "torch",
+        sdpa_backend: Optional[SdpaBackend] = None,
         gradient_checkpointing: bool = False,
         export_on_end: bool = True,
         max_nonfinite_steps: int = 3,
@@ -89,7 +93,7 @@ class CausalLMModule(L.LightningModule):
         self.name, self.config_overrides, self.dtype_name, self.attn = name, config, dtype, attn_implementation
         self.chop_spec, self.optim_cfg, self.tokenizer_name = chop, optim, tokenizer or name
         self.compile_forward, self.gradient_checkpointing, self.export_on_end = compile, gradient_checkpointing, export_on_end
-        self.kernels = kernels
+        self.kernels, self.sdpa_backend = kernels, sdpa_backend
         self.max_nonfinite_steps = max_nonfinite_steps
         self.resume_checkpoint: Optional[str] = None  # set by `chop fit --ckpt_path`: the architecture comes from it
         self._nonfinite_steps = 0
@@ -106,6 +110,7 @@ class CausalLMModule(L.LightningModule):
             pruning.check(self.source_config())
         if kernels != "torch":
             check_kernels(kernels, self.source_config())
+        check_sdpa_backend(sdpa_backend, attn_implementation)
 
     @property
     def source(self) -> str:
@@ -167,7 +172,7 @@ class CausalLMModule(L.LightningModule):
             self.trainer.strategy.kwargs.setdefault("use_orig_params", True)
 
     def setup(self, stage: str) -> None:
-        check_device(self.kernels, self.trainer.strategy.root_device)
+        check_device(self.kernels, self.trainer.strategy.root_device, first_sdpa=self.sdpa_backend)
         self.check_data(self.trainer.datamodule)
 
     def check_data(self, datamodule: Any) -> None:
@@ -187,7 +192,8 @@ class CausalLMModule(L.LightningModule):
     # -- steps ------------------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The final hidden states (after the last norm), which the LM head turns into logits."""
-        return self._body(input_ids=input_ids, use_cache=False).last_hidden_state
+        with sdpa_backend(self.sdpa_backend):
+            return self._body(input_ids=input_ids, use_cache=False).last_hidden_state
 
     # -- compute accounting -----------------------------------------------------------------------------------
     def flops_per_token(self, seq_len: int) -> float:

@@ -101,3 +101,65 @@ def test_under_compile_liger_keeps_only_its_cross_entropy(monkeypatch, compile_)
     x = torch.randint(2, 128, (2, 9))
     module.logit_losses(torch.randn(2, 8, 32, requires_grad=True), x[:, 1:])
     assert fused == [1]
+
+
+def test_an_sdpa_backend_is_refused_where_it_cannot_choose_or_run(tmp_path):
+    with pytest.raises(ValueError, match=r"model\.sdpa_backend: 'cudnn' chooses among PyTorch's SDPA backends, and "
+                                         r"model\.attn_implementation is 'eager'.*attn_implementation: sdpa"):
+        ContinuedPretraining(config=TINY["llama"], attn_implementation="eager", sdpa_backend="cudnn")
+    with pytest.raises(ValueError, match=r"model\.sdpa_backend: 'fast' is not one of \['flash', 'cudnn'"):
+        ContinuedPretraining(config=TINY["llama"], sdpa_backend="fast")
+    module = ContinuedPretraining(config=TINY["llama"], sdpa_backend="cudnn")
+    data = L.LightningDataModule.from_datasets(train_dataset=[{"input_ids": torch.zeros(9, dtype=torch.long)}])
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"model\.sdpa_backend: 'cudnn' runs on CUDA GPUs only.*'cpu'"):
+        trainer.fit(module, data)
+    assert module.model is None
+
+
+def test_the_forward_tries_the_chosen_sdpa_backend_first(monkeypatch):
+    """What PyTorch's SDPA sees as its backend order while chop's forward runs: the chosen one first, PyTorch's own
+    order outside it."""
+    from torch.nn.attention import SDPBackend
+
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(torch._C._get_sdp_priority_order()[0]) or real(*a, **kw))
+    outside = torch._C._get_sdp_priority_order()
+    for first, expected in ((None, outside[0]), ("math", int(SDPBackend.MATH)), ("cudnn", int(SDPBackend.CUDNN_ATTENTION))):
+        module = ContinuedPretraining(config=TINY["llama"], sdpa_backend=first)
+        module.configure_model()
+        seen.clear()
+        module.training_loss(torch.randint(2, 100, (2, 8)), torch.randint(2, 100, (2, 8)))
+        assert seen and set(seen) == {expected}, (first, seen)
+    assert torch._C._get_sdp_priority_order() == outside
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_gives_flash_attention_loss_and_gradients_on_a_gpu():
+    """`sdpa_backend: cudnn` runs cuDNN's attention kernels (not a silent fallback) and trains the same model as
+    flash attention to bf16 rounding."""
+    cfg = dict(TINY["llama"], hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
+    ids = torch.randint(0, 1000, (4, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results, kernels_run = {}, {}
+    for first in ("flash", "cudnn"):
+        module = ContinuedPretraining(config=cfg, tokenizer=None, sdpa_backend=first)
+        with torch.device("cuda"):
+            module.configure_model()
+        module.cuda()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = module.training_loss(ids[:, :-1], ids[:, 1:])["loss"]
+            loss.backward()
+            torch.cuda.synchronize()
+        kernels_run[first] = " ".join(e.name.lower() for e in prof.events())
+        results[first] = (loss.detach().float(), {n: p.grad.float() for n, p in module.named_parameters()})
+    assert "cudnn" in kernels_run["cudnn"] and "flash" in kernels_run["flash"], kernels_run
+    (loss_f, grads_f), (loss_c, grads_c) = results["flash"], results["cudnn"]
+    torch.testing.assert_close(loss_c, loss_f, rtol=1e-2, atol=0)
+    for name, g in grads_f.items():
+        rel = ((grads_c[name] - g).norm() / g.norm()).item()
+        assert rel < 3e-2, f"{name}: relative gradient difference {rel:.3g}"
