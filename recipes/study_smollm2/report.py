@@ -55,7 +55,8 @@ def table(spec: dict, section: str, results: dict) -> list[str]:
                  mean_spread([r["after"]["average"] for r in rs]),
                  mean_spread([r["before"]["perplexity"] for r in rs]), mean_spread([r["after"]["perplexity"] for r in rs])]
         if chopped:
-            cells.append(" / ".join(sorted({",".join(map(str, r["removed_layers"])) for r in rs if r.get("removed_layers")})))
+            sets = {",".join(map(str, r["removed_layers"])) for r in rs if r.get("removed_layers")}
+            cells.append(" / ".join(sorted(sets)))
         for t in tasks:  # accuracy, mean over seeds, with the task's own stderr of the first seed
             accs = [r["after"]["tasks"][t][0] for r in rs if t in r["after"]["tasks"]]
             err = rs[0]["after"]["tasks"].get(t, [None, None])[1]
@@ -178,7 +179,8 @@ def render(study: Path, runs: Path, out: Path, model: Optional[str] = None) -> N
     if not results:
         lines += ["No run has finished yet: `python recipes/study_smollm2/run.py` (with a GPU), then this script.", ""]
     for section, s in spec["sections"].items():
-        lines += [f"### {s['title']}", ""] + table(spec, section, results) + pending(now, section, results) + stale(now, section, results)
+        lines += [f"### {s['title']}", ""] + table(spec, section, results) + pending(now, section, results) \
+            + stale(now, section, results)
     if results:
         lines += [f"![{p}]({p})" for p in plots(spec, results, out)] + [""]
         prov = next(iter(results.values()))[0]["provenance"]

@@ -128,7 +128,8 @@ def test_the_forward_tries_the_chosen_sdpa_backend_first(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **kw: seen.append(torch._C._get_sdp_priority_order()[0]) or real(*a, **kw))
     outside = torch._C._get_sdp_priority_order()
-    for first, expected in ((None, outside[0]), ("math", int(SDPBackend.MATH)), ("cudnn", int(SDPBackend.CUDNN_ATTENTION))):
+    for first, expected in ((None, outside[0]), ("math", int(SDPBackend.MATH)),
+                            ("cudnn", int(SDPBackend.CUDNN_ATTENTION))):
         module = ContinuedPretraining(config=TINY["llama"], sdpa_backend=first)
         module.configure_model()
         seen.clear()
