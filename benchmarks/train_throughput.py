@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ def step_timer(warmup: int):
     return Timer()
 
 
-def chop_fit(args, compile_: bool, kernels: str = "torch", sdpa: str = None) -> float:
+def chop_fit(args, compile_: bool, kernels: str = "torch", sdpa: Optional[str] = None) -> float:
     import lightning as L
 
     from chop.training.pretraining_data import StreamingDataModule
@@ -83,7 +84,8 @@ def chop_fit(args, compile_: bool, kernels: str = "torch", sdpa: str = None) -> 
 
     timer = step_timer(args.warmup)
     model = ContinuedPretraining(tokenizer=args.tokenizer, config=LLAMA_1B, dtype="float32", compile=compile_,
-                                 kernels=kernels, sdpa_backend=sdpa, optim=Optim(lr=3e-4, warmup_steps=10), export_on_end=False)
+                                 kernels=kernels, sdpa_backend=sdpa, optim=Optim(lr=3e-4, warmup_steps=10),
+                                 export_on_end=False)
     data = StreamingDataModule(tokenizer=args.tokenizer, train_files=[args.train_files], seq_len=args.seq,
                                batch_size=args.batch, num_workers=4, shuffle_buffer=1000)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=args.steps, logger=False,

@@ -1,5 +1,6 @@
-"""Fused kernels (chop/models/kernels.py): the switch refuses what cannot run before any weights load (CPU), and on
-a GPU liger's kernels give the torch path's loss and gradients to bf16 rounding."""
+"""Fused kernels and the SDPA backend (chop/models/kernels.py): the switches refuse what cannot run before any weights
+load (CPU); on a GPU liger's kernels give the torch path's loss and gradients, and cuDNN's attention flash attention's,
+to bf16 rounding."""
 
 import importlib.machinery
 import sys
