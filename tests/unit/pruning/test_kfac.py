@@ -85,7 +85,15 @@ def test_kfac_factors_of_a_linear_layer_are_its_input_and_output_gradient_moment
     model = load_model(config=TINY["llama"]).double()
     layers = linears(model)
     ids = torch.randint(2, 128, (2, 9))
+    model.lm_head.weight.requires_grad_(False)  # frozen before: stays frozen
+    during = []  # no weight takes part in backward (its gradient is never computed), and all are as before after
+    spy = model.register_forward_hook(lambda m, a, o: during.append(any(p.requires_grad for p in m.parameters())))
     factors = kfac.collect(model, layers, [ids])
+    spy.remove()
+    assert during == [False]
+    assert not model.lm_head.weight.requires_grad and all(p.requires_grad for n, p in model.named_parameters()
+                                                             if n != "lm_head.weight")
+    assert all(p.grad is None for p in model.parameters())
     name = next(n for n in layers if n.endswith("mlp.down_proj"))
     seen = {}
     layer = layers[name]
