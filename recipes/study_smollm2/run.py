@@ -111,6 +111,7 @@ def chop(folder: Path, gpu: int, *args: str) -> None:
 class Study:
     def __init__(self, path: Path, runs: Path, model: Optional[str] = None) -> None:
         self.path, self.runs = path, runs
+        self.frozen: dict[str, str] = {}  # section -> its best arm, fixed while that arm's first seed runs again
         self.spec = yaml.safe_load(path.read_text())
         self.base = yaml.safe_load((path.parent / self.spec["base"]).read_text())
         if model:  # the same grid on another model (e.g. google/gemma-3-270m)
@@ -138,6 +139,8 @@ class Study:
 
     def best_arm(self, section: str) -> str:
         """The section's arm (of those study.yaml still lists) with the highest mean 6-task average after recovery."""
+        if section in self.frozen:
+            return self.frozen[section]
         scores: dict[str, list[float]] = {}
         for r in finished(self.runs, section):
             if r["arm"] in self.spec["sections"][section]["arms"]:
@@ -218,7 +221,7 @@ class Study:
             running: dict[Any, tuple[str, str, int]] = {}
             while todo or running:
                 waiting = {s for s, _, _ in todo} | {j[0] for j in running.values()}
-                blocked = waiting | {s for s, _, _ in failed}
+                blocked = (waiting - set(self.frozen)) | {s for s, _, _ in failed}
                 ready = [j for j in todo if not self.needs(j[0]) & blocked]
                 late = stop_after is not None and time.time() - start > stop_after
                 skipped = False
@@ -357,6 +360,26 @@ class Study:
 
     # --- the acceptance check of the best exports -------------------------------------------------------------------
 
+    def rerun_for_verify(self, sections: list[str]) -> list[tuple[str, str, int]]:
+        """Of the sections whose runs have all finished, the best arm's first seed where its export is not here (git
+        keeps only result.json): set aside, so that the next ``run`` runs it again beside the unfinished runs. The
+        section's best arm stays fixed meanwhile, so the sections that use it need not wait."""
+        jobs = []
+        for section, spec in self.spec["sections"].items():
+            if sections and section not in sections or not all(map(self.is_done, self.jobs([section]))):
+                continue
+            arm = self.best_arm(section)
+            kind = next(iter(spec["arms"][arm]))
+            job = (section, arm, self.spec["seeds"][0])
+            if kind != "eval" and self.export(self.folder(*job), kind) is None:
+                self.frozen[section] = arm
+                set_aside(self.folder(*job), "no-export")
+                jobs.append(job)
+        if jobs:
+            print("verify: no export here of " + ", ".join(f"{s} / {a} / seed {n}" for s, a, n in jobs)
+                  + "; running again", flush=True)
+        return jobs
+
     @staticmethod
     def export(folder: Path, kind: str) -> Optional[Path]:
         """Where a run saved its model (a recovery run: its last ``hf*`` export), or None where it is not here."""
@@ -374,21 +397,16 @@ class Study:
 
         from chop.models.loading import load_model
 
-        def best_runs() -> dict[str, tuple[str, str, int]]:
-            return {section: (section, self.best_arm(section), self.spec["seeds"][0])
-                    for section, spec in self.spec["sections"].items()
-                    if finished(self.runs, section) and "eval" not in spec["arms"][self.best_arm(section)]}
-
-        missing = [job for section, job in best_runs().items()
-                   if self.export(self.folder(*job), next(iter(self.spec["sections"][section]["arms"][job[1]]))) is None]
+        self.frozen.clear()  # earlier reruns have finished: the best arms as the results now say
+        missing = self.rerun_for_verify([])
         if missing:
-            print("verify: no export here of " + ", ".join(f"{s} / {a} / seed {n}" for s, a, n in missing)
-                  + "; running again", flush=True)
-            for job in missing:
-                set_aside(self.folder(*job), "no-export")
             self.run([], at_once, jobs=missing)
+            self.frozen.clear()
         out = {}
-        for section, (_, arm, seed) in best_runs().items():
+        for section, spec in self.spec["sections"].items():
+            if not all(map(self.is_done, self.jobs([section]))) or "eval" in spec["arms"][self.best_arm(section)]:
+                continue  # unfinished (its best arm is not known yet), or the dense model: nothing exported
+            arm, seed = self.best_arm(section), self.spec["seeds"][0]
             folder = self.folder(section, arm, seed)
             kind = next(iter(self.spec["sections"][section]["arms"][arm]))
             export = self.export(folder, kind)
@@ -441,6 +459,8 @@ def main() -> None:
         raise SystemExit(f"--runs: give {a.model} a folder of its own (e.g. --runs {HERE / 'runs'}-{slug(a.model)}), "
                          f"not the one study.yaml's model's runs are in")
     study = Study(a.study, a.runs, a.model)
+    if a.verify:  # finished sections' best runs without an export here run again beside the rest
+        study.rerun_for_verify(a.only)
     study.run(a.only, a.at_once, a.stop_after)
     if a.verify:
         study.verify(a.at_once)

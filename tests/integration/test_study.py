@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 
 import yaml
 from helpers import EVAL_FIX, FIX, ROOT, TINY_CPU, tiny_llama
@@ -54,11 +55,12 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch):
     assert fit["settings"]["fit"]["data"]["init_args"]["seed"] == 0  # the seed orders the training text too
     del study["sections"]["curvature"]["arms"]["broken"]
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    # git keeps only result.json: a best run whose export is not here (it ran elsewhere) runs again for --verify
+    # git keeps only result.json: a best run whose export is not here (it ran elsewhere) runs again for --verify,
+    # beside what is left to run
     shutil.rmtree(tmp_path / "runs" / "curvature" / "magnitude-20" / "seed0" / "model")
     again = subprocess.run(run + ["--verify"], capture_output=True, text=True, cwd=ROOT)  # nothing else reruns
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done:") == 3 and again.stdout.count("running:") == 1, again.stdout
+    assert again.stdout.count("done:") == 2 and again.stdout.count("running:") == 1, again.stdout
     assert "running: curvature / magnitude 20% / seed 0" in again.stdout
     assert (tmp_path / "runs" / "curvature" / "magnitude-20" / "seed0.no-export-1" / "result.json").exists()
     # each section's best export loads with from_pretrained and scores with `chop eval` as the run reported
@@ -93,7 +95,8 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch):
 
 def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_that_one_was_done_before(tmp_path):
     """Scheduling alone (no chop run): a section that needs another's best arm runs after it, whether that one runs
-    now or finished in an earlier session; a run out of GPU memory is tried once more."""
+    now or finished in an earlier session; a run out of GPU memory is tried once more; best runs rerun for --verify
+    (no export here) run side by side, the needed section's best arm held fixed."""
     spec = importlib.util.spec_from_file_location("study_run", ROOT / "recipes" / "study_smollm2" / "run.py")
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
@@ -103,9 +106,11 @@ def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_tha
         "base": "base.yaml", "model": "m", "seeds": [0], "eval": {"tasks": "piqa"},
         "sections": {"placement": {"title": "A", "arms": {"x": {"fit": {"model.init_args.chop": {"n": 1}}}}},
                      "recovery": {"title": "B", "arms": {"y": {"fit": {"model.init_args.chop": "{best: placement}"}}}}}}))
-    ran, ooms = [], []
+    ran, ooms, together = [], [], []
 
     def fake_fit(study, folder, settings, seed):
+        if together:
+            together[0].wait()  # returns once both runs are running at the same time, else times out
         if not ooms:
             ooms.append(folder)
             raise runner.RunFailed("CUDA out of memory", out_of_memory=True)
@@ -123,3 +128,9 @@ def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_tha
     assert [r[0] for r in ran] == ["placement"] and len(ooms) == 1
     study().run([], at_once=2)  # placement finished before: recovery starts, with placement's best arm
     assert [r[0] for r in ran] == ["placement", "recovery"] and ran[1][1] == {"n": 1}
+    again = study()  # a later session with --verify: neither export is here (fake runs write none)
+    assert again.rerun_for_verify([]) == [("placement", "x", 0), ("recovery", "y", 0)]
+    assert (tmp_path / "runs" / "placement" / "x" / "seed0.no-export-1" / "result.json").exists()
+    together.append(threading.Barrier(2, timeout=30))
+    again.run([], at_once=2)
+    assert sorted(r[0] for r in ran[2:]) == ["placement", "recovery"] and not together[0].broken
