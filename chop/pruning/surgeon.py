@@ -19,7 +19,7 @@ from chop.models.registry import architecture, decoder_layers
 from chop.pruning import kfac, lora, shots
 from chop.pruning.elements import global_threshold, nm_costs
 from chop.pruning.pruner import Mode, Pruner, Report
-from chop.pruning.structures import choose, removed_parts
+from chop.pruning.structures import choose, linears, removed_parts
 
 
 @dataclass
@@ -101,6 +101,12 @@ class Curvature(Sparsity):
             raise ValueError(f"pruning.blocks_per_pass: only structured pruning gathers the curvature block by block "
                              f"({self.mode} updates need every layer's inverses at once); set it to 0")
 
+    def prune(self, model, batches, evaluate=None, on_shot=None) -> Report:
+        free = free_gpu_bytes(model)
+        if free is not None and self.factors_device is None:  # before the first pass over the calibration data
+            check_curvature_fits(model, self, free)
+        return super().prune(model, batches, evaluate, on_shot)
+
     def curvature(self, state: shots.State, batches: Sequence[torch.Tensor]) -> Iterator[dict[str, kfac.Factors]]:
         """The layers' factors (inverted, unless the method needs none): all in one pass, or ``blocks_per_pass``
         decoder blocks' at a time, each group from its own pass over the unchanged model."""
@@ -118,6 +124,47 @@ class Curvature(Sparsity):
                     f.invert(self.damping_a, self.damping_g)
             yield factors
             del factors
+
+
+def free_gpu_bytes(model) -> Optional[int]:
+    """Free memory of the GPU the model is on; None for a model on the CPU."""
+    device = next(model.parameters()).device
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def curvature_bytes(model, blocks_per_pass: int, keeps_inverses: bool) -> tuple[int, int]:
+    """About the GPU memory K-FAC needs beside the model, in bytes: one pass's float64 factors at their largest (twice:
+    the sums and the factors, or the factors and their inverses, plus two temporaries of the largest while inverting
+    it), and the consuming linears' input inverses that a structured Surgeon shot keeps for its updates."""
+    arch = architecture(model.config)
+    layers, n = linears(model), len(decoder_layers(model))
+    entries = lambda l: (l.in_features + (l.bias is not None)) ** 2 + l.out_features ** 2  # noqa: E731
+    block = [sum(entries(l) for name, l in layers.items() if name.startswith(f"{arch.layers}.{i}.")) for i in range(n)]
+    step = blocks_per_pass or n
+    largest = max(max(l.in_features + (l.bias is not None), l.out_features) for l in layers.values()) ** 2
+    per_pass = 8 * (2 * max(sum(block[s:s + step]) for s in range(0, n, step)) + 2 * largest)
+    consumers = (f".{arch.attention[3]}", f".{arch.mlp_out}")
+    kept = sum((l.in_features + (l.bias is not None)) ** 2 for name, l in layers.items() if name.endswith(consumers))
+    return per_pass, 8 * kept if keeps_inverses else 0
+
+
+def check_curvature_fits(model, spec: "Curvature", free: int) -> None:
+    """Refuse, before the first pass over the calibration data, curvature whose factors cannot fit in ``free`` bytes of
+    GPU memory, naming the ``blocks_per_pass`` that would (a calibration batch's activations come on top)."""
+    keeps = spec.mode == "structured" and not spec.diagonal
+    per_pass, kept = curvature_bytes(model, spec.blocks_per_pass, keeps)
+    if per_pass + kept <= free:
+        return
+    gib, n = 2**30, len(decoder_layers(model))
+    fitting = [k for k in range(1, n + 1) if sum(curvature_bytes(model, k, keeps)) <= free]
+    what = f"{spec.blocks_per_pass} decoder blocks at a time" if spec.blocks_per_pass else "all decoder blocks at once"
+    hint = (f"set pruning.blocks_per_pass to {max(fitting)} or fewer" if fitting and spec.mode == "structured" else
+            "prune on a GPU with more memory, or set pruning.factors_device: cpu (slower)")
+    field = "pruning.blocks_per_pass" if spec.mode == "structured" else "pruning.factors_device"
+    raise ValueError(f"{field}: the curvature of {what} needs about {per_pass / gib:.0f} GiB of "
+                     f"float64 factors" + (f", plus {kept / gib:.0f} GiB of inverses kept for the updates" if kept else "")
+                     + f"; {free / gib:.0f} GiB of the GPU are free beside the model. {hint[0].upper() + hint[1:]} "
+                     f"(a calibration batch's activations come on top)")
 
 
 @dataclass

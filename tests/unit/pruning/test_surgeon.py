@@ -162,3 +162,39 @@ def test_semistructured_weights_run_on_pytorch_2_to_4_kernels():
         assert to_semi_structured(model) == len(linears(model))
         got = model(input_ids=ids).logits.float()
     assert torch.allclose(got, want, atol=0.1, rtol=0.05)
+
+
+def test_curvature_that_cannot_fit_on_the_gpu_is_refused_before_the_first_pass(monkeypatch):
+    """The Llama-2-7B shape (on the meta device: shapes, no memory): one block's float64 factors are 548,077,568
+    entries (q/k/v/o 4096² in and out; gate/up 4096² in, 11008² out; down 11008² in, 4096² out), a pass holds them
+    twice, and a structured Surgeon keeps o's and down's input inverses (4096² + 11008² a layer, 32 layers). 8 blocks
+    a time cannot fit in 80 GiB; 5 can, before activations."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from chop.pruning.surgeon import check_curvature_fits, curvature_bytes
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    per_pass, kept = curvature_bytes(model, 8, keeps_inverses=True)
+    assert per_pass == 8 * (2 * 8 * 548_077_568 + 2 * 11008**2)
+    assert kept == 8 * 32 * (4096**2 + 11008**2)
+    free = 80 * 2**30
+    with pytest.raises(ValueError, match=r"pruning\.blocks_per_pass: the curvature of 8 decoder blocks at a time needs "
+                                         r"about 67 GiB of float64 factors, plus 33 GiB of inverses kept for the "
+                                         r"updates; 80 GiB .* free.*Set pruning\.blocks_per_pass to 5 or fewer"):
+        check_curvature_fits(model, Surgeon(blocks_per_pass=8), free)
+    check_curvature_fits(model, Surgeon(blocks_per_pass=5), free)
+    check_curvature_fits(model, KOBD(blocks_per_pass=8), free)  # no inverses kept: 67 GiB fit
+    with pytest.raises(ValueError, match=r"pruning\.factors_device: the curvature of all decoder blocks at once needs "
+                                         r"about 263 GiB.*Prune on a GPU with more memory, or set "
+                                         r"pruning\.factors_device: cpu"):
+        check_curvature_fits(model, Surgeon(mode="unstructured"), free)
+    # chop's own pruning asks before its first pass (here a tiny model on a GPU with 1 MiB free: never collects)
+    collected = []
+    monkeypatch.setattr("chop.pruning.surgeon.free_gpu_bytes", lambda m: 2**20)
+    monkeypatch.setattr(kfac, "collect", lambda *a, **k: collected.append(1))
+    with pytest.raises(ValueError, match=r"pruning\.blocks_per_pass: the curvature of all decoder blocks at once"):
+        Surgeon(sparsity=0.2, shots=1).prune(load_model(config=dict(TINY["llama"], hidden_size=512)), calibration())
+    assert not collected
