@@ -284,7 +284,7 @@ class Study:
         chop(folder, gpu, "fit", "--config", str(folder / "config.yaml"), *resume)
         evals = sorted((folder / "checkpoints").glob("eval-step=*.json"), key=lambda p: int(re.findall(r"\d+", p.name)[0]))
         tb = scalars(folder)
-        hf = sorted((folder / "checkpoints").glob("hf*"))[-1]
+        hf = self.export(folder, "fit")
         plan = folder / "checkpoints" / "chop_plan.json"  # which layers a chop removed (block_influence: by the text)
         return {"removed_layers": json.loads(plan.read_text())["removed"] if plan.exists() else None,
                 "before": self.scores(json.loads(evals[0].read_text())),
@@ -360,21 +360,28 @@ class Study:
 
     # --- the acceptance check of the best exports -------------------------------------------------------------------
 
-    def rerun_for_verify(self, sections: list[str]) -> list[tuple[str, str, int]]:
-        """Of the sections whose runs have all finished, the best arm's first seed where its export is not here (git
-        keeps only result.json): set aside, so that the next ``run`` runs it again beside the unfinished runs. The
-        section's best arm stays fixed meanwhile, so the sections that use it need not wait."""
-        jobs = []
+    def best_runs(self, sections: list[str]) -> list[tuple[tuple[str, str, int], str, Optional[Path]]]:
+        """Of each finished section (of ``sections``; none: all), its best arm's first seed, the arm's kind and the
+        run's export here (None: not here); the dense reference exports nothing and is left out."""
+        out = []
         for section, spec in self.spec["sections"].items():
             if sections and section not in sections or not all(map(self.is_done, self.jobs([section]))):
                 continue
             arm = self.best_arm(section)
             kind = next(iter(spec["arms"][arm]))
-            job = (section, arm, self.spec["seeds"][0])
-            if kind != "eval" and self.export(self.folder(*job), kind) is None:
-                self.frozen[section] = arm
-                set_aside(self.folder(*job), "no-export")
-                jobs.append(job)
+            if kind != "eval":
+                job = (section, arm, self.spec["seeds"][0])
+                out.append((job, kind, self.export(self.folder(*job), kind)))
+        return out
+
+    def rerun_for_verify(self, sections: list[str]) -> list[tuple[str, str, int]]:
+        """Of the sections whose runs have all finished, the best arm's first seed where its export is not here (git
+        keeps only result.json): set aside, so that the next ``run`` runs it again beside the unfinished runs. The
+        section's best arm stays fixed meanwhile, so the sections that use it need not wait."""
+        jobs = [job for job, _, export in self.best_runs(sections) if export is None]
+        for section, arm, seed in jobs:
+            self.frozen[section] = arm
+            set_aside(self.folder(section, arm, seed), "no-export")
         if jobs:
             print("verify: no export here of " + ", ".join(f"{s} / {a} / seed {n}" for s, a, n in jobs)
                   + "; running again", flush=True)
@@ -403,13 +410,8 @@ class Study:
             self.run([], at_once, jobs=missing)
             self.frozen.clear()
         out = {}
-        for section, spec in self.spec["sections"].items():
-            if not all(map(self.is_done, self.jobs([section]))) or "eval" in spec["arms"][self.best_arm(section)]:
-                continue  # unfinished (its best arm is not known yet), or the dense model: nothing exported
-            arm, seed = self.best_arm(section), self.spec["seeds"][0]
+        for (section, arm, seed), kind, export in self.best_runs([]):  # unfinished sections: best arm not known yet
             folder = self.folder(section, arm, seed)
-            kind = next(iter(self.spec["sections"][section]["arms"][arm]))
-            export = self.export(folder, kind)
             if export is None:  # its rerun changed which arm is best, and that one's export is elsewhere
                 out[section] = {"arm": arm, "seed": seed, "same": None, "why": "no export here; run --verify again"}
                 print(f"verify: {section} / {arm}: no export here; run --verify again", flush=True)
