@@ -10,6 +10,7 @@ The README's text above the marker line is kept; everything below it is regenera
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 from pathlib import Path
@@ -67,19 +68,29 @@ def table(spec: dict, section: str, results: dict) -> list[str]:
 
 def timing(spec: dict, results: dict) -> list[str]:
     """How long each section took: its runs' wall-clock time (load, prune, recover, both evaluations, export), the
-    sum over runs and the span from the first start to the last end (runs ran ``at_once`` at a time)."""
+    sum over runs, and the minutes in which at least one of them ran (runs ran ``at_once`` at a time, and a section
+    may span several sessions: the gaps between them are not counted)."""
     lines = ["### Time", "", "| section | runs | runs at once (GPUs) | sum of the runs' minutes | per run, median (s) "
-             "| span, first start to last end (min) |", "|---|---:|---:|---:|---:|---:|"]
+             "| minutes with one of its runs running |", "|---|---:|---:|---:|---:|---:|"]
     for section in spec["sections"]:
         rs = [r for (s, _), rr in results.items() if s == section for r in rr]
         if rs:
             seconds = [r["seconds"] for r in rs]
-            starts = [r["started"] for r in rs if "started" in r]
-            span = (max(r["started"] + r["seconds"] for r in rs if "started" in r) - min(starts)) / 60 if starts else None
+            spans = [(r["started"], r["started"] + r["seconds"]) for r in rs if "started" in r]
+            span = busy_seconds(spans) / 60 if spans else None
             at_once = sorted({f"{r.get('at_once', 1)} ({r.get('gpus', 1)})" for r in rs})
             lines.append(f"| {section} | {len(rs)} | {', '.join(at_once)} | {sum(seconds) / 60:.1f} | "
                          f"{statistics.median(seconds):.0f} | {'–' if span is None else f'{span:.1f}'} |")
     return lines + [""]
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals: time in which at least one of them was running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        total += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return total
 
 
 def stale(now: Any, section: str, results: dict) -> list[str]:
@@ -185,11 +196,12 @@ def render(study: Path, runs: Path, out: Path, model: Optional[str] = None) -> N
         lines += [f"![{p}]({p})" for p in plots(spec, results, out)] + [""]
         prov = next(iter(results.values()))[0]["provenance"]
         data = prov["data"]
+        commits = collections.Counter(r["provenance"]["commit"][:10] for rs in results.values() for r in rs)
         lines += timing(spec, results) + verified(runs)
         lines += [f"Provenance of every run is in its result.json; e.g. GPU {prov['gpu']}, model {prov['model']} "
                   f"(weights sha256 {(prov['weights_sha256'] or 'none')[:12]}…), recovery data {data['recovery']} "
-                  f"(offline copy used: {prov['offline_copy']}, corpus {data['offline_corpus']}), commit "
-                  f"{prov['commit'][:10]}.", ""]
+                  f"(offline copy used: {prov['offline_copy']}, corpus {data['offline_corpus']}); commit "
+                  + ", ".join(f"{c} ({n} runs)" for c, n in commits.most_common()) + ".", ""]
     head = out.read_text().split(MARKER)[0] if out.exists() else ""
     out.write_text(head.rstrip() + "\n\n" + "\n".join(lines))
 

@@ -184,12 +184,14 @@ class Study:
             jobs: Optional[list[tuple[str, str, int]]] = None) -> None:
         """Runs the asked-for runs (``jobs``, or those of ``sections``) not finished yet, ``at_once`` at a time spread
         over the GPUs (a 135M model leaves most of an H200 idle), each after the sections it needs; none starts after
-        ``stop_after`` seconds. A run that runs out of GPU memory beside the others is tried once more, later."""
+        ``stop_after`` seconds. A run that runs out of GPU memory beside other runs is tried again later with its GPU
+        to itself; out of memory alone, it has failed."""
         start, visible = time.time(), torch_gpus()
         gpus = max(1, visible)
         todo, busy, lock = list(jobs) if jobs is not None else self.jobs(sections), [0] * gpus, threading.Lock()
         failed: list[tuple[str, str, int]] = []
-        retried: set[tuple[str, str, int]] = set()
+        alone: set[tuple[str, str, int]] = set()  # ran out of memory beside other runs: the next try has a GPU to itself
+        held = [False] * gpus  # a GPU given to one of those
 
         def one(job: tuple[str, str, int], gpu: int) -> None:
             section, arm, seed = job
@@ -199,11 +201,13 @@ class Study:
                 result = (self.fit(folder, how["fit"], seed, gpu) if "fit" in how else
                           self.prune(folder, how["prune"], gpu) if "prune" in how else self.reference(folder, gpu))
             except Exception as err:  # noqa: BLE001 - one run's failure (its log says why) stops no other run
-                if isinstance(err, RunFailed) and err.out_of_memory and job not in retried:
-                    retried.add(job)
+                with lock:
+                    beside = busy[gpu] - 1
+                if isinstance(err, RunFailed) and err.out_of_memory and beside and job not in alone:
+                    alone.add(job)
                     todo.append(job)
-                    print(f"out of GPU memory beside the other runs, to run again later: {section} / {arm} / seed "
-                          f"{seed}", flush=True)
+                    print(f"out of GPU memory beside {beside} other run(s), to run again with a GPU to itself: "
+                          f"{section} / {arm} / seed {seed}", flush=True)
                 else:
                     failed.append(job)
                     print(f"FAILED: {section} / {arm} / seed {seed}: {err}", flush=True)
@@ -211,11 +215,17 @@ class Study:
             finally:
                 with lock:
                     busy[gpu] -= 1
+                    held[gpu] = False
             result.update(section=section, arm=arm, seed=seed, seconds=time.time() - began, started=began,
                           at_once=at_once, gpus=visible, settings=self.settings(*job),
                           provenance=self.provenance(seed))
             (folder / "result.json").write_text(json.dumps(result, indent=2))
             print(f"finished: {section} / {arm} / seed {seed} in {time.time() - began:.0f} s", flush=True)
+
+        def place(job: tuple[str, str, int]) -> Optional[int]:
+            """The least busy GPU the run may start on now, if any (called under ``lock``)."""
+            free = [g for g in range(gpus) if not held[g] and not (job in alone and busy[g])]
+            return min(free, key=busy.__getitem__, default=None)
 
         with ThreadPoolExecutor(at_once) as pool:
             running: dict[Any, tuple[str, str, int]] = {}
@@ -225,16 +235,20 @@ class Study:
                 ready = [j for j in todo if not self.needs(j[0]) & blocked]
                 late = stop_after is not None and time.time() - start > stop_after
                 skipped = False
-                while ready and len(running) < at_once and not late:
-                    job = ready.pop(0)
-                    todo.remove(job)
-                    if self.is_done(job):
-                        print(f"done: {job[0]} / {job[1]} / seed {job[2]}")
-                        skipped = True  # a section it finished may be what another waits for: look again
-                        continue
+                while len(running) < at_once and not late:
                     with lock:
-                        gpu = busy.index(min(busy))
+                        pick = next(((j, g) for j in ready if (g := place(j)) is not None), None)
+                        if pick is None:
+                            break
+                        job, gpu = pick
+                        ready.remove(job)
+                        todo.remove(job)
+                        if self.is_done(job):
+                            print(f"done: {job[0]} / {job[1]} / seed {job[2]}")
+                            skipped = True  # a section it finished may be what another waits for: look again
+                            continue
                         busy[gpu] += 1
+                        held[gpu] = job in alone
                     self.fresh(self.folder(*job))
                     print(f"running: {job[0]} / {job[1]} / seed {job[2]}" + (f" (GPU {gpu})" if visible else ""),
                           flush=True)

@@ -8,7 +8,9 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
+import pytest
 import yaml
 from helpers import EVAL_FIX, FIX, ROOT, TINY_CPU, tiny_llama
 
@@ -95,8 +97,9 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch):
 
 def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_that_one_was_done_before(tmp_path):
     """Scheduling alone (no chop run): a section that needs another's best arm runs after it, whether that one runs
-    now or finished in an earlier session; a run out of GPU memory is tried once more; best runs rerun for --verify
-    (no export here) run side by side, the needed section's best arm held fixed."""
+    now or finished in an earlier session; a run out of GPU memory beside another is tried again with the GPU to
+    itself, and out of memory alone it has failed; best runs rerun for --verify (no export here) run side by side,
+    the needed section's best arm held fixed."""
     spec = importlib.util.spec_from_file_location("study_run", ROOT / "recipes" / "study_smollm2" / "run.py")
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
@@ -104,18 +107,28 @@ def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_tha
         "trainer": {"callbacks": [], "logger": {"init_args": {}}}, "data": {"init_args": {}}}))
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({
         "base": "base.yaml", "model": "m", "seeds": [0], "eval": {"tasks": "piqa"},
-        "sections": {"placement": {"title": "A", "arms": {"x": {"fit": {"model.init_args.chop": {"n": 1}}}}},
+        "sections": {"placement": {"title": "A", "arms": {"x": {"fit": {"model.init_args.chop": {"n": 1}}},
+                                                          "w": {"fit": {"model.init_args.chop": {"n": 2}}}}},
                      "recovery": {"title": "B", "arms": {"y": {"fit": {"model.init_args.chop": "{best: placement}"}}}}}}))
-    ran, ooms, together = [], [], []
+    side_by_side = threading.Barrier(2, timeout=30)
+    ran, ooms, together, live = [], [], [side_by_side], []
 
     def fake_fit(study, folder, settings, seed):
-        if together:
-            together[0].wait()  # returns once both runs are running at the same time, else times out
-        if not ooms:
-            ooms.append(folder)
-            raise runner.RunFailed("CUDA out of memory", out_of_memory=True)
-        ran.append((folder.parent.parent.name, study.config(settings, seed, folder)["model"]["init_args"]["chop"]))
-        score = {"tasks": {}, "average": 0.5, "just_chop_average": 0.5, "perplexity": 10.0}
+        chop = study.config(settings, seed, folder)["model"]["init_args"]["chop"]
+        live.append(folder)
+        try:
+            if together:
+                together[0].wait()  # returns once both runs are running at the same time, else times out
+            if chop == {"n": 1} and not ooms:  # the first try of placement's x, beside w
+                ooms.append(len(live))
+                together.clear()
+                raise runner.RunFailed("CUDA out of memory", out_of_memory=True)
+            if chop == {"n": 2}:
+                time.sleep(0.5)  # w still runs when x has failed: x's next try must wait for it
+            ran.append((folder.parent.parent.name, chop, len(live)))
+        finally:
+            live.remove(folder)
+        score = {"tasks": {}, "average": 1 / chop["n"], "just_chop_average": 1 / chop["n"], "perplexity": 10.0}
         return {"before": score, "after": score, "recovery_flops": 1.0, "params": 1, "nonzero_params": 1}
 
     def study():
@@ -124,13 +137,22 @@ def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_tha
         s.provenance = lambda seed: {"seed": seed, "commit": "c"}
         return s
 
-    study().run(["placement"])  # an earlier session: placement alone (its first try runs out of memory)
-    assert [r[0] for r in ran] == ["placement"] and len(ooms) == 1
+    # an earlier session, placement alone: x runs out of memory beside w, then runs again with nothing beside it
+    study().run(["placement"], at_once=2)
+    assert ooms == [2] and [r[2] for r in ran if r[1] == {"n": 1}] == [1] and len(ran) == 2 and not side_by_side.broken
     study().run([], at_once=2)  # placement finished before: recovery starts, with placement's best arm
-    assert [r[0] for r in ran] == ["placement", "recovery"] and ran[1][1] == {"n": 1}
+    assert [r[0] for r in ran] == ["placement", "placement", "recovery"] and ran[2][1] == {"n": 1}
     again = study()  # a later session with --verify: neither export is here (fake runs write none)
     assert again.rerun_for_verify([]) == [("placement", "x", 0), ("recovery", "y", 0)]
     assert (tmp_path / "runs" / "placement" / "x" / "seed0.no-export-1" / "result.json").exists()
     together.append(threading.Barrier(2, timeout=30))
     again.run([], at_once=2)
-    assert sorted(r[0] for r in ran[2:]) == ["placement", "recovery"] and not together[0].broken
+    assert sorted(r[0] for r in ran[3:]) == ["placement", "recovery"] and not together[0].broken
+
+    tries = []  # out of memory with the GPU to itself: failed, not tried again
+    lone = study()
+    lone.fit = lambda *a, **k: tries.append(1) or (_ for _ in ()).throw(runner.RunFailed("OOM", out_of_memory=True))
+    (tmp_path / "runs" / "placement" / "w" / "seed0" / "result.json").unlink()
+    with pytest.raises(SystemExit, match="1 run"):
+        lone.run([], at_once=2, jobs=[("placement", "w", 0)])
+    assert tries == [1]
