@@ -1,7 +1,7 @@
 """Runs the study's arms (study.yaml) through chop's own CLI, skipping finished runs, so it resumes across sessions.
 
     python recipes/study_smollm2/run.py [--study recipes/study_smollm2/study.yaml] [--runs DIR] [--only SECTION ...]
-                                        [--at_once N] [--stop_after SECONDS] [--verify] [--model HUB_ID --runs DIR]
+                                        [--at_once N] [--finish_within SECONDS] [--verify] [--model HUB_ID --runs DIR]
 
 An arm is one of three kinds. ``fit``: ``chop fit`` on base.yaml with the arm's settings (its config is written beside
 its run); the zero-shot callback scores the suite and held-out perplexity (``c4``: offline, english-passages val)
@@ -180,17 +180,27 @@ class Study:
         set_aside(folder, "superseded")
         return False
 
-    def run(self, sections: list[str], at_once: int = 1, stop_after: Optional[float] = None,
+    def longest(self) -> dict[str, float]:
+        """Each section's longest finished run, in seconds (its result.json files, set-aside ones too)."""
+        out: dict[str, float] = {}
+        for f in self.runs.glob("*/*/seed*/result.json"):
+            r = json.loads(f.read_text())
+            out[r["section"]] = max(out.get(r["section"], 0.0), r["seconds"])
+        return out
+
+    def run(self, sections: list[str], at_once: int = 1, finish_within: Optional[float] = None,
             jobs: Optional[list[tuple[str, str, int]]] = None) -> None:
         """Runs the asked-for runs (``jobs``, or those of ``sections``) not finished yet, ``at_once`` at a time spread
-        over the GPUs (a 135M model leaves most of an H200 idle), each after the sections it needs; none starts after
-        ``stop_after`` seconds. A run that runs out of GPU memory beside other runs is tried again later with its GPU
-        to itself; out of memory alone, it has failed."""
+        over the GPUs (a 135M model leaves most of an H200 idle), each after the sections it needs. With
+        ``finish_within``, a run starts only if it can end within that many seconds of the start, judged by its
+        section's longest finished run (else the study's): a GPU lent for a fixed time then cuts no run off. A run
+        that runs out of GPU memory beside other runs is tried again later with its GPU to itself; out of memory
+        alone, it has failed."""
         start, visible = time.time(), torch_gpus()
         gpus = max(1, visible)
         todo, busy, lock = list(jobs) if jobs is not None else self.jobs(sections), [0] * gpus, threading.Lock()
         failed: list[tuple[str, str, int]] = []
-        alone: set[tuple[str, str, int]] = set()  # ran out of memory beside other runs: the next try has a GPU to itself
+        alone: set[tuple[str, str, int]] = set()  # out of memory beside other runs: the next try has a GPU to itself
         held = [False] * gpus  # a GPU given to one of those
 
         def one(job: tuple[str, str, int], gpu: int) -> None:
@@ -233,20 +243,23 @@ class Study:
                 waiting = {s for s, _, _ in todo} | {j[0] for j in running.values()}
                 blocked = (waiting - set(self.frozen)) | {s for s, _, _ in failed}
                 ready = [j for j in todo if not self.needs(j[0]) & blocked]
-                late = stop_after is not None and time.time() - start > stop_after
-                skipped = False
-                while len(running) < at_once and not late:
+                longest = self.longest() if finish_within is not None else {}
+                left = None if finish_within is None else finish_within - (time.time() - start)
+                guess = max(longest.values(), default=0.0)  # for a section none of whose runs has finished
+                done = [j for j in ready if self.is_done(j)]
+                for job in done:
+                    ready.remove(job)
+                    todo.remove(job)
+                    print(f"done: {job[0]} / {job[1]} / seed {job[2]}")
+                fits = [j for j in ready if left is None or longest.get(j[0], guess) <= left]
+                while len(running) < at_once:
                     with lock:
-                        pick = next(((j, g) for j in ready if (g := place(j)) is not None), None)
+                        pick = next(((j, g) for j in fits if (g := place(j)) is not None), None)
                         if pick is None:
                             break
                         job, gpu = pick
-                        ready.remove(job)
+                        fits.remove(job)
                         todo.remove(job)
-                        if self.is_done(job):
-                            print(f"done: {job[0]} / {job[1]} / seed {job[2]}")
-                            skipped = True  # a section it finished may be what another waits for: look again
-                            continue
                         busy[gpu] += 1
                         held[gpu] = job in alone
                     self.fresh(self.folder(*job))
@@ -254,16 +267,16 @@ class Study:
                           flush=True)
                     running[pool.submit(one, job, gpu)] = job
                 if not running:
-                    if skipped:
-                        continue
-                    break  # stopped, or what is left needs a section that failed
+                    if done:
+                        continue  # a section just found finished may be what others wait for: look again
+                    break  # what is left does not fit the time left, or needs a section that failed
                 finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished_now:
                     f.result()
                     del running[f]
         if todo:
-            print(f"not started ({'--stop_after' if stop_after else 'a section they need failed'}): "
-                  + ", ".join(f"{s} / {a} / seed {n}" for s, a, n in todo))
+            why = "too little of --finish_within left" if finish_within else "a section they need failed"
+            print(f"not started ({why}): " + ", ".join(f"{s} / {a} / seed {n}" for s, a, n in todo))
         if failed:
             raise SystemExit(f"{len(failed)} run(s) failed; each one's log.txt says why")
 
@@ -465,7 +478,8 @@ def main() -> None:
     p.add_argument("--model", help="run the grid on this model instead of study.yaml's (give it its own --runs)")
     p.add_argument("--only", nargs="*", default=[], help="sections to run (default: all, in order)")
     p.add_argument("--at_once", type=int, default=1, help="runs at the same time, spread over the visible GPUs")
-    p.add_argument("--stop_after", type=float, help="start no run after this many seconds (those running finish)")
+    p.add_argument("--finish_within", type=float, help="start only runs that can end within this many seconds, judged "
+                   "by their section's longest finished run (for a GPU lent for a fixed time)")
     p.add_argument("--verify", action="store_true", help="then load each section's best export with from_pretrained "
                    "and score it again with chop eval (runs/verify.json)")
     a = p.parse_args()
@@ -477,7 +491,7 @@ def main() -> None:
     study = Study(a.study, a.runs, a.model)
     if a.verify:  # finished sections' best runs without an export here run again beside the rest
         study.rerun_for_verify(a.only)
-    study.run(a.only, a.at_once, a.stop_after)
+    study.run(a.only, a.at_once, a.finish_within)
     if a.verify:
         study.verify(a.at_once)
 

@@ -95,11 +95,11 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch):
     assert "magnitude 20% (seed 0)" in report.pending(study_now, "curvature", report.load(tmp_path / "runs"))[0]
 
 
-def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_that_one_was_done_before(tmp_path):
+def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_that_one_was_done_before(tmp_path, capsys):
     """Scheduling alone (no chop run): a section that needs another's best arm runs after it, whether that one runs
     now or finished in an earlier session; a run out of GPU memory beside another is tried again with the GPU to
     itself, and out of memory alone it has failed; best runs rerun for --verify (no export here) run side by side,
-    the needed section's best arm held fixed."""
+    the needed section's best arm held fixed; with --finish_within, a run longer than the time left does not start."""
     spec = importlib.util.spec_from_file_location("study_run", ROOT / "recipes" / "study_smollm2" / "run.py")
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
@@ -149,10 +149,14 @@ def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_tha
     again.run([], at_once=2)
     assert sorted(r[0] for r in ran[3:]) == ["placement", "recovery"] and not together[0].broken
 
-    tries = []  # out of memory with the GPU to itself: failed, not tried again
+    tries = []
     lone = study()
     lone.fit = lambda *a, **k: tries.append(1) or (_ for _ in ()).throw(runner.RunFailed("OOM", out_of_memory=True))
     (tmp_path / "runs" / "placement" / "w" / "seed0" / "result.json").unlink()
-    with pytest.raises(SystemExit, match="1 run"):
-        lone.run([], at_once=2, jobs=[("placement", "w", 0)])
+    x = tmp_path / "runs" / "placement" / "x" / "seed0" / "result.json"
+    x.write_text(json.dumps({**json.loads(x.read_text()), "seconds": 100.0}))
+    lone.run([], jobs=[("placement", "w", 0)], finish_within=99)  # placement's runs take 100 s: w would be cut off
+    assert tries == [] and "(too little of --finish_within left): placement / w / seed 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="1 run"):  # out of memory with the GPU to itself: failed, not tried again
+        lone.run([], at_once=2, jobs=[("placement", "w", 0)], finish_within=101)
     assert tries == [1]
