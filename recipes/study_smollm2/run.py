@@ -25,7 +25,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -180,20 +180,22 @@ class Study:
         set_aside(folder, "superseded")
         return False
 
-    def longest(self) -> dict[str, float]:
-        """Each section's longest finished run, in seconds (its result.json files, set-aside ones too)."""
-        out: dict[str, float] = {}
+    def expected(self) -> Callable[[tuple[str, str, int]], float]:
+        """How long a run is expected to take, in seconds: the longest finished run of its arm (result.json files,
+        set-aside ones too), else of its section, else of the study, else 0."""
+        longest: dict[Any, float] = {}
         for f in self.runs.glob("*/*/seed*/result.json"):
             r = json.loads(f.read_text())
-            out[r["section"]] = max(out.get(r["section"], 0.0), r["seconds"])
-        return out
+            for key in ((r["section"], r["arm"]), r["section"], None):
+                longest[key] = max(longest.get(key, 0.0), r["seconds"])
+        return lambda job: longest.get(job[:2], longest.get(job[0], longest.get(None, 0.0)))
 
     def run(self, sections: list[str], at_once: int = 1, finish_within: Optional[float] = None,
             jobs: Optional[list[tuple[str, str, int]]] = None) -> None:
         """Runs the asked-for runs (``jobs``, or those of ``sections``) not finished yet, ``at_once`` at a time spread
         over the GPUs (a 135M model leaves most of an H200 idle), each after the sections it needs. With
-        ``finish_within``, a run starts only if it can end within that many seconds of the start, judged by its
-        section's longest finished run (else the study's): a GPU lent for a fixed time then cuts no run off. A run
+        ``finish_within``, a run starts only if it can end within that many seconds of the start, judged by the
+        longest finished run of its arm (``expected``): a GPU lent for a fixed time then cuts no run off. A run
         that runs out of GPU memory beside other runs is tried again later with its GPU to itself; out of memory
         alone, it has failed."""
         start, visible = time.time(), torch_gpus()
@@ -243,15 +245,14 @@ class Study:
                 waiting = {s for s, _, _ in todo} | {j[0] for j in running.values()}
                 blocked = (waiting - set(self.frozen)) | {s for s, _, _ in failed}
                 ready = [j for j in todo if not self.needs(j[0]) & blocked]
-                longest = self.longest() if finish_within is not None else {}
+                expected = self.expected() if finish_within is not None else None
                 left = None if finish_within is None else finish_within - (time.time() - start)
-                guess = max(longest.values(), default=0.0)  # for a section none of whose runs has finished
                 done = [j for j in ready if self.is_done(j)]
                 for job in done:
                     ready.remove(job)
                     todo.remove(job)
                     print(f"done: {job[0]} / {job[1]} / seed {job[2]}")
-                fits = [j for j in ready if left is None or longest.get(j[0], guess) <= left]
+                fits = [j for j in ready if left is None or expected(j) <= left]
                 while len(running) < at_once:
                     with lock:
                         pick = next(((j, g) for j in fits if (g := place(j)) is not None), None)
@@ -479,7 +480,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=[], help="sections to run (default: all, in order)")
     p.add_argument("--at_once", type=int, default=1, help="runs at the same time, spread over the visible GPUs")
     p.add_argument("--finish_within", type=float, help="start only runs that can end within this many seconds, judged "
-                   "by their section's longest finished run (for a GPU lent for a fixed time)")
+                   "by their arm's (else section's) longest finished run; for a GPU lent for a fixed time")
     p.add_argument("--verify", action="store_true", help="then load each section's best export with from_pretrained "
                    "and score it again with chop eval (runs/verify.json)")
     a = p.parse_args()
