@@ -73,6 +73,13 @@ def lm_eval_worker(args) -> None:
     Path(args.lm_eval_worker).write_text(json.dumps({"results": metrics, "lls": lls}))
 
 
+def per_document(result: dict) -> dict[str, list[list[float]]]:
+    """Each task's per-document log-likelihoods from `chop eval --samples`, as lm-eval's side lists them."""
+    from chop.eval.agreement import documents
+
+    return {task: documents(result, task) for task in result["samples"]}
+
+
 def compare(model_dir: str, args, label: str) -> dict:
     if args.warmup:  # untimed: both engines then start with compiled bytecode and the files in the page cache
         tasks = list(run_chop(model_dir, args, args.dtype, limit=2)[0]["results"])
@@ -88,14 +95,14 @@ def compare(model_dir: str, args, label: str) -> dict:
     theirs = runs[0]
     metrics = {f"{task}/{m}": (r[m], *(t["results"][task][m] for t in runs))
                for task, r in ours["results"].items() for m in ("acc", "acc_norm") if m in r}
-    lls = {"chop": {task: [s["lls"] for s in v] for task, v in ours["samples"].items()}, "lm_eval": theirs["lls"]}
+    lls = {"chop": per_document(ours), "lm_eval": theirs["lls"]}
     worst, flips = differ(lls["chop"], lls["lm_eval"])
     out = {"model": label, "dtype": args.dtype, "chop_s": chop_s, "lm_eval_s": lm_eval_s,
            "speedup": lm_eval_s / chop_s, "repeats": args.repeats, "chop_times": [s for _, s in chop_runs],
            "chop_phases": {"start-up, imports, exit": chop_runs[0][1] - ours["seconds"], **ours["phases"]},
            "lm_eval_batch": args.lm_eval_batch, "metrics": metrics,
            "identical": all(v[0] == v[1] for v in metrics.values()), "max_ll_diff": worst, "argmax_flips": flips,
-           "requests": sum(len(s["lls"]) for v in ours["samples"].values() for s in v)}
+           "requests": sum(len(d) for v in lls["chop"].values() for d in v)}
     print(f"\n{label} ({args.dtype}): chop {chop_s:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in out['chop_phases'].items())}"
           f"), lm-eval (batch {args.lm_eval_batch[0]}) {lm_eval_s:.1f} s, {out['speedup']:.1f}x; {out['requests']:,} "
           f"requests; metrics identical: {out['identical']}; largest per-example log-likelihood difference "
@@ -103,7 +110,7 @@ def compare(model_dir: str, args, label: str) -> dict:
     shared = None
     if args.fast:  # the faster mode that gives up bit-identity: how much faster, how far off
         shared, seconds = run_chop(model_dir, args, args.dtype, share=True)
-        worst, flips = differ({task: [s["lls"] for s in v] for task, v in shared["samples"].items()}, lls["lm_eval"])
+        worst, flips = differ(per_document(shared), lls["lm_eval"])
         same = sum(shared["results"][k.split("/")[0]][k.split("/")[1]] == v[1] for k, v in metrics.items())
         out["fast"] = {"chop_s": seconds, "speedup": lm_eval_s / seconds, "max_ll_diff": worst,
                                  "argmax_flips": flips, "metrics_equal": same, "metrics": len(metrics)}
@@ -120,7 +127,7 @@ def compare(model_dir: str, args, label: str) -> dict:
               f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}")
     if args.float32_reference:  # how far each bf16 run is from the float32 numbers (chop float32 = lm-eval float32)
         exact, _ = run_chop(model_dir, args, "float32")
-        truth = {task: [s["lls"] for s in v] for task, v in exact["samples"].items()}
+        truth = per_document(exact)
         out["vs_float32"] = {}
         for name, got in lls.items():
             worst, flips = differ(got, truth)

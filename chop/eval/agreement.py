@@ -9,12 +9,18 @@ from typing import Any
 import numpy as np
 
 
-def lls(result: dict[str, Any], task: str) -> np.ndarray:
-    """Every log-likelihood of ``task`` in a ``chop eval`` JSON written with ``samples``, in document order."""
+def documents(result: dict[str, Any], task: str) -> list[list[float]]:
+    """Each document's log-likelihoods of ``task`` in a ``chop eval`` JSON written with ``samples``: one per choice,
+    or the one continuation's (LAMBADA)."""
     samples = result.get("samples", {}).get(task)
     if samples is None:
         raise ValueError(f"agreement: the results hold no samples of '{task}'; run chop eval with --samples true")
-    return np.array([ll for s in samples for ll in (s["lls"] if "lls" in s else [s["ll"]])], dtype=np.float64)
+    return [s["lls"] if "lls" in s else [s["ll"]] for s in samples]
+
+
+def lls(result: dict[str, Any], task: str) -> np.ndarray:
+    """Every log-likelihood of ``task``, in document order."""
+    return np.array([ll for doc in documents(result, task) for ll in doc], dtype=np.float64)
 
 
 def distance(truth: dict[str, Any], other: dict[str, Any], task: str) -> dict[str, float]:

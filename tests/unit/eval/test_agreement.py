@@ -3,7 +3,7 @@ against exact bf16's, on hand-made results and on a tiny model scored three ways
 
 import pytest
 
-from chop.eval.agreement import compare, distance
+from chop.eval.agreement import compare, distance, documents
 
 
 def result(lls, acc):
@@ -18,6 +18,14 @@ def test_distances_are_the_per_choice_differences_and_the_accuracy_change():
     assert compare(truth, truth, other)["piqa"]["within"] and not compare(truth, other, truth)["piqa"]["within"]
     with pytest.raises(ValueError, match="same --limit"):
         distance(truth, result([[-1.0, -2.0]], 0.5), "piqa")
+
+
+def test_a_document_with_one_continuation_has_one_log_likelihood():
+    """LAMBADA's samples carry ``ll`` (one continuation), the choice tasks' ``lls``: both read as a list a document."""
+    got = {"samples": {"lambada_openai": [{"ll": -2.5, "greedy": True}], "piqa": [{"lls": [-1.0, -2.0]}]}}
+    assert documents(got, "lambada_openai") == [[-2.5]] and documents(got, "piqa") == [[-1.0, -2.0]]
+    with pytest.raises(ValueError, match="--samples true"):
+        documents(got, "copa")
 
 
 def test_fast_mode_in_float32_is_within_what_bf16_moves_on_a_tiny_model(tmp_path, eval_model, eval_tokenizer):
