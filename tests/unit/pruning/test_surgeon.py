@@ -24,7 +24,8 @@ def calibration_loss(model, batches):
                                                            b[:, 1:].flatten())) for b in batches) / len(batches)
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+# Gemma 3 (q/k norms, a head_dim of its own) is the study's second model
+@pytest.mark.parametrize("arch", ["llama", "opt", "gemma3_text"])
 def test_structured_pruning_hits_the_target_and_reloads_with_identical_logits(arch, tmp_path):
     torch.manual_seed(0)
     cfg = dict(TINY[arch], num_hidden_layers=3)
