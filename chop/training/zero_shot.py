@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from chop.eval.engine import Encoder, Scorer, token_cache
 from chop.eval.suite import average, block_docs, evaluate, to_json
@@ -80,6 +82,10 @@ class ZeroShotEvalCallback(Callback):
         if step == self.last_step:  # a checkpoint at a step that was just evaluated
             return None
         self.last_step = step
+        # a line in the log before and after: a progress bar is not redrawn while this runs, so a run evaluating
+        # would otherwise look stuck at its last training step
+        rank_zero_info(f"zero-shot evaluation at step {step}: {self.tasks}")
+        began = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -96,6 +102,8 @@ class ZeroShotEvalCallback(Callback):
         avg = average(results)
         if avg is not None:
             metrics["eval/average"] = avg
+        rank_zero_info(f"zero-shot evaluation at step {step}: done in {time.perf_counter() - began:.0f} s"
+                       + (f", average {avg:.4f}" if avg is not None else ""))
         if trainer.is_global_zero:
             self.encoder.save()
             for logger in trainer.loggers:

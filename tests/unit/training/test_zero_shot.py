@@ -8,7 +8,7 @@ from helpers import EVAL_FIX
 from chop.cli import main
 
 
-def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
+def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path, caplog):
     from helpers import args, scalars
 
     from chop.training.cli import cli_main
@@ -24,6 +24,8 @@ def test_callback_evaluates_during_training_logs_and_writes_json(tmp_path):
     assert saved["step"] == 4 and saved["results"]["copa"]["n"] == 6
     assert json.loads((run / "eval-step=0.json").read_text())["step"] == 0  # the chopped model before training
     assert (run / "eval-step=2.json").exists() and not (run / "eval-step=4-v1.json").exists()  # once per step
+    printed = caplog.text  # each evaluation says in the log when it starts and ends
+    assert all(f"zero-shot evaluation at step {n}: done in" in printed for n in (0, 2, 4)), printed[-2000:]
     # `chop eval` of the step-4 checkpoint (its weights and the tokenizer it records), float32 weights under bf16
     # autocast as the run scored itself, gives the callback's numbers
     out = tmp_path / "ckpt.json"
