@@ -89,6 +89,8 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "recipes" / "study_smollm2"))  # report.py imports run.py beside it
     report = importlib.import_module("report")  # the report names the run the next run.py does
     assert "magnitude 20% (seed 0)" in report.pending(study_now, "curvature", report.load(tmp_path / "runs"))[0]
+    # the Time table counts the minutes in which some run went, not the gap between two sessions
+    assert report.busy_seconds([(30.0, 40.0), (0.0, 10.0), (5.0, 20.0)]) == 30.0
 
 
 def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_that_one_was_done_before(tmp_path, capsys):
