@@ -45,10 +45,10 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
     cfg[last] = value
 
 
-def finished(runs: Path, section: str = "*") -> list[dict]:
-    """The result.json of every finished run (folders ``seedN``; those set aside are not)."""
+def finished(runs: Path, section: str = "*", aside: bool = False) -> list[dict]:
+    """The result.json of every finished run (folders ``seedN``; with ``aside``, also those set aside)."""
     return [json.loads(p.read_text()) for p in sorted(runs.glob(f"{section}/*/seed*/result.json"))
-            if re.fullmatch(r"seed\d+", p.parent.name)]
+            if aside or re.fullmatch(r"seed\d+", p.parent.name)]
 
 
 def set_aside(folder: Path, why: str) -> None:
@@ -184,8 +184,7 @@ class Study:
         """How long a run is expected to take, in seconds: the longest finished run of its arm (result.json files,
         set-aside ones too), else of its section, else of the study, else 0."""
         longest: dict[Any, float] = {}
-        for f in self.runs.glob("*/*/seed*/result.json"):
-            r = json.loads(f.read_text())
+        for r in finished(self.runs, aside=True):
             for key in ((r["section"], r["arm"]), r["section"], None):
                 longest[key] = max(longest.get(key, 0.0), r["seconds"])
         return lambda job: longest.get(job[:2], longest.get(job[0], longest.get(None, 0.0)))
