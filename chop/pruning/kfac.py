@@ -47,6 +47,11 @@ def _damped_inverse(m: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.inv(m)
 
 
+def factor_sizes(layer: nn.Linear) -> tuple[int, int]:
+    """The sizes of a linear's two factors: A over its input (with a column of ones for the bias), G over its output."""
+    return layer.in_features + (layer.bias is not None), layer.out_features
+
+
 def weight_matrix(layer: nn.Linear) -> torch.Tensor:
     """The layer's weights in float64, with the bias as an extra last column."""
     w = layer.weight.detach().double()
@@ -127,10 +132,8 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
         model.train(was_training)
     if ranks.rank_and_world()[1] > 1:  # a rank with no batch adds zeros
         for name, layer in layers.items():
-            out, inp = layer.weight.shape
-            sizes = (inp + (layer.bias is not None), out)
             where = device or layer.weight.device
-            for i, size in enumerate(sizes):
+            for i, size in enumerate(factor_sizes(layer)):
                 if sums[name][i] is None:
                     sums[name][i] = torch.zeros(size, size, dtype=torch.float64, device=where)
         total = torch.tensor([float(count[0])], dtype=torch.float64)

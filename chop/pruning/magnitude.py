@@ -21,5 +21,5 @@ class Magnitude(Sparsity):
 
     def curvature(self, state: shots.State, batches: Sequence[torch.Tensor]) -> Iterator[dict[str, kfac.Factors]]:
         ones = lambda n, layer: torch.ones(n, dtype=torch.float64, device=layer.weight.device)  # noqa: E731
-        yield {name: kfac.Factors(ones(layer.in_features + (layer.bias is not None), layer), ones(layer.out_features, layer))
+        yield {name: kfac.Factors(*(ones(n, layer) for n in kfac.factor_sizes(layer)))
                for name, layer in state.layers.items()}

@@ -137,14 +137,14 @@ def curvature_bytes(model, blocks_per_pass: int, keeps_inverses: bool) -> tuple[
     the sums and the factors, or the factors and their inverses, plus two temporaries of the largest while inverting
     it), and the consuming linears' input inverses that a structured Surgeon shot keeps for its updates."""
     arch = architecture(model.config)
-    layers, n = linears(model), len(decoder_layers(model))
-    entries = lambda l: (l.in_features + (l.bias is not None)) ** 2 + l.out_features ** 2  # noqa: E731
-    block = [sum(entries(l) for name, l in layers.items() if name.startswith(f"{arch.layers}.{i}.")) for i in range(n)]
+    sizes, n = {name: kfac.factor_sizes(l) for name, l in linears(model).items()}, len(decoder_layers(model))
+    block = [sum(a * a + g * g for name, (a, g) in sizes.items() if name.startswith(f"{arch.layers}.{i}."))
+             for i in range(n)]
     step = blocks_per_pass or n
-    largest = max(max(l.in_features + (l.bias is not None), l.out_features) for l in layers.values()) ** 2
+    largest = max(max(pair) for pair in sizes.values()) ** 2
     per_pass = 8 * (2 * max(sum(block[s:s + step]) for s in range(0, n, step)) + 2 * largest)
     consumers = (f".{arch.attention[3]}", f".{arch.mlp_out}")
-    kept = sum((l.in_features + (l.bias is not None)) ** 2 for name, l in layers.items() if name.endswith(consumers))
+    kept = sum(a * a for name, (a, _) in sizes.items() if name.endswith(consumers))
     return per_pass, 8 * kept if keeps_inverses else 0
 
 
