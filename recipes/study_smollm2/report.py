@@ -123,7 +123,7 @@ def verified(runs: Path) -> list[str]:
     lines = ["### The best arms' exports, loaded and scored again", "",
              "`run.py --verify`: `AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)`, then `chop eval` "
              "in a new process (a recovery run: float32 weights under bf16 autocast, as the run scored itself).", "",
-             "| section | arm | parameters | largest accuracy difference | held-out ppl, reported → again | same |",
+             "| section | arm | parameters | largest accuracy difference | held-out ppl, reported → again | same to the last digit |",
              "|---|---|---:|---:|---:|---|"]
     for section, v in json.loads(path.read_text()).items():
         if v["same"] is None:
@@ -131,7 +131,7 @@ def verified(runs: Path) -> list[str]:
             continue
         before, again = v["perplexity"]
         lines.append(f"| {section} | {v['arm']} | {v['params'] / 1e6:.1f}M | {max(v['accuracy_abs_diff'].values()):.4f} "
-                     f"| {before:.4g} → {again:.4g} | {'yes' if v['same'] else 'no'} |")
+                     f"| {before:.7g} → {again:.7g} | {'yes' if v['same'] else 'no'} |")
     return lines + [""]
 
 

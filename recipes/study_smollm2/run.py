@@ -420,24 +420,27 @@ class Study:
         found = sorted((folder / "checkpoints").glob("hf*"))[-1:] if kind == "fit" else [folder / "model"]
         return found[0] if found and (found[0] / "config.json").exists() else None
 
-    def verify(self, at_once: int = 1) -> dict:
+    def verify(self, sections: list[str], at_once: int = 1) -> dict:
         """Loads the export of each section's best arm (first seed) with ``AutoModelForCausalLM.from_pretrained``
         (``trust_remote_code``: layers of different widths) and scores it with ``chop eval`` in a new process, as the
         run scored itself (a recovery run: float32 weights under bf16 autocast, the callback's batch size); writes
         ``verify.json`` beside the runs, with each task's difference from result.json. A best run whose export is not
-        here (git keeps only result.json; the run was on another machine) runs again first, its old result set aside."""
+        here (git keeps only result.json; the run was on another machine) runs again first, its old result set aside.
+        ``sections`` (none: all) are verified; the other sections' entries already in verify.json are kept."""
         import torch
         from transformers import AutoModelForCausalLM
 
         from chop.models.loading import load_model
 
         self.frozen.clear()  # earlier reruns have finished: the best arms as the results now say
-        missing = self.rerun_for_verify([])
+        missing = self.rerun_for_verify(sections)
         if missing:
             self.run([], at_once, jobs=missing)
             self.frozen.clear()
-        out = {}
-        for (section, arm, seed), kind, export in self.best_runs([]):  # unfinished sections: best arm not known yet
+        written = self.runs / "verify.json"
+        out = {s: v for s, v in (json.loads(written.read_text()) if written.exists() else {}).items()
+               if sections and s not in sections}
+        for (section, arm, seed), kind, export in self.best_runs(sections):  # unfinished sections: best arm not known yet
             folder = self.folder(section, arm, seed)
             if export is None:  # its rerun changed which arm is best, and that one's export is elsewhere
                 out[section] = {"arm": arm, "seed": seed, "same": None, "why": "no export here; run --verify again"}
@@ -467,7 +470,7 @@ class Study:
                             "same": max(acc.values()) == 0 and again["perplexity"] == reported["perplexity"]}
             print(f"verify: {section} / {arm}: {'the same' if out[section]['same'] else 'DIFFERENT'} "
                   f"(largest accuracy difference {max(acc.values()):.4f})", flush=True)
-        (self.runs / "verify.json").write_text(json.dumps(out, indent=2))
+        written.write_text(json.dumps(out, indent=2))
         return out
 
 
@@ -480,8 +483,8 @@ def main() -> None:
     p.add_argument("--at_once", type=int, default=1, help="runs at the same time, spread over the visible GPUs")
     p.add_argument("--finish_within", type=float, help="start only runs that can end within this many seconds, judged "
                    "by their arm's (else section's) longest finished run; for a GPU lent for a fixed time")
-    p.add_argument("--verify", action="store_true", help="then load each section's best export with from_pretrained "
-                   "and score it again with chop eval (runs/verify.json)")
+    p.add_argument("--verify", action="store_true", help="then load each section's best export (of --only's sections) "
+                   "with from_pretrained and score it again with chop eval (runs/verify.json)")
     a = p.parse_args()
     if a.at_once < 1:
         raise SystemExit(f"--at_once: {a.at_once} must be >= 1")
@@ -493,7 +496,7 @@ def main() -> None:
         study.rerun_for_verify(a.only)
     study.run(a.only, a.at_once, a.finish_within)
     if a.verify:
-        study.verify(a.at_once)
+        study.verify(a.only, a.at_once)
 
 
 if __name__ == "__main__":

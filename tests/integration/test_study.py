@@ -65,6 +65,12 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch):
     verify = json.loads((tmp_path / "runs" / "verify.json").read_text())
     assert verify.keys() == {"placement", "curvature"} and all(v["same"] for v in verify.values()), verify
     assert verify["placement"]["params"] == fit["params"]
+    # --only verifies those sections again and keeps the others' entries (their exports may be on another machine)
+    (tmp_path / "runs" / "verify.json").write_text(json.dumps({**verify, "placement": {**verify["placement"], "x": 1}}))
+    again = subprocess.run(run + ["--verify", "--only", "curvature"], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "verify: placement" not in again.stdout, again.stdout + again.stderr[-3000:]
+    kept = json.loads((tmp_path / "runs" / "verify.json").read_text())
+    assert kept["placement"]["x"] == 1 and kept["curvature"] == verify["curvature"], kept
     readme = tmp_path / "README.md"
     readme.write_text("# The study\n\nWhat we found: ...\n")
     report = subprocess.run([sys.executable, str(ROOT / "recipes" / "study_smollm2" / "report.py"), "--study",
