@@ -16,8 +16,9 @@ from typing import Any, ContextManager, Literal, Optional
 import torch
 
 Kernels = Literal["torch", "liger"]
-# PyTorch's order is flash, efficient, math, cudnn: cuDNN's attention (often the fastest on Hopper) never runs unless
-# asked for first.
+# Which backend attention tries first. PyTorch's own order depends on its version and the GPU: on an H200 with torch
+# 2.11 it already runs cuDNN's kernels (benchmarks/train_throughput.py records which ran); older versions try flash
+# first and reach cuDNN only when asked.
 SdpaBackend = Literal["flash", "cudnn", "efficient", "math"]
 _SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 

@@ -41,7 +41,8 @@ class CausalLMModule(L.LightningModule):
         dtype: parameter dtype (``float32`` with ``bf16-mixed`` precision on GPU is the usual choice).
         attn_implementation: ``sdpa``, ``flash_attention_2`` or ``eager``.
         sdpa_backend: which of PyTorch's SDPA backends attention tries first (``flash``, ``cudnn``, ``efficient``,
-            ``math``; the others still run where it cannot); unset: PyTorch's own order, which never reaches cuDNN's.
+            ``math``; the others still run where it cannot); unset: PyTorch's own order (on an H200 with torch 2.11:
+            cuDNN's first).
         chop: which layers to delete before training (None: train the model as it is).
         pruning: a pruning method (``method``: surgeon, obd, magnitude, wanda, activation; ``chop.pruning.registry``)
             applied to the (chopped) model before training, calibrated on ``pruning.calibration_samples`` sequences
