@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -80,7 +80,9 @@ def per_document(result: dict) -> dict[str, list[list[float]]]:
     return {task: documents(result, task) for task in result["samples"]}
 
 
-def compare(model_dir: str, args, label: str) -> dict:
+def compare(model_dir: str, args, label: str, save: Callable[[dict], None]) -> dict:
+    """chop against lm-eval on one model, timed; ``save`` is called with the result so far after each part (the
+    speed comparison first), so that a run cut off later keeps what it measured."""
     if args.warmup:  # untimed: both engines then start with compiled bytecode and the files in the page cache
         tasks = list(run_chop(model_dir, args, args.dtype, limit=2)[0]["results"])
         run_lm_eval(model_dir, args, tasks, args.lm_eval_batch[0], limit=2)
@@ -103,6 +105,7 @@ def compare(model_dir: str, args, label: str) -> dict:
            "lm_eval_batch": args.lm_eval_batch, "metrics": metrics,
            "identical": all(v[0] == v[1] for v in metrics.values()), "max_ll_diff": worst, "argmax_flips": flips,
            "requests": sum(len(d) for v in lls["chop"].values() for d in v)}
+    save(out)
     print(f"\n{label} ({args.dtype}): chop {chop_s:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in out['chop_phases'].items())}"
           f"), lm-eval (batch {args.lm_eval_batch[0]}) {lm_eval_s:.1f} s, {out['speedup']:.1f}x; {out['requests']:,} "
           f"requests; metrics identical: {out['identical']}; largest per-example log-likelihood difference "
@@ -116,6 +119,7 @@ def compare(model_dir: str, args, label: str) -> dict:
                                  "argmax_flips": flips, "metrics_equal": same, "metrics": len(metrics)}
         print(f"  chop --mode fast: {seconds:.1f} s, {lm_eval_s / seconds:.1f}x; largest log-likelihood difference "
               f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}", flush=True)
+        save(out)
     out["lm_eval_self"] = {}
     for j in range(1, len(runs)):  # does lm-eval agree with itself at another batch size?
         worst, flips = differ(lls["lm_eval"], runs[j]["lls"])
@@ -145,6 +149,7 @@ def compare(model_dir: str, args, label: str) -> dict:
     print(f"  {'metric':<24}{'chop':>8}" + "".join(f"{'lm-eval b' + str(b):>14}" for b in args.lm_eval_batch))
     for k, v in metrics.items():
         print(f"  {k:<24}{v[0]:>8.4f}" + "".join(f"{x:>14.4f}" for x in v[1:]))
+    save(out)
     return out
 
 
@@ -193,8 +198,17 @@ def main() -> None:
 
     prov = provenance(args.model, data)  # a hub id resolves to chop's offline copy without the Hub (and says so)
     args.model = resolve(args.model)
-    results = {"provenance": prov, "gpu": gpu, "tasks": args.tasks,
-               "runs": [] if args.only_1b else [compare(args.model, args, "SmolLM2-135M")]}
+    results = {"provenance": prov, "gpu": gpu, "tasks": args.tasks, "runs": []}
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / ("eval_speed_1b.json" if args.only_1b
+                                                                           else "eval_speed.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(run: dict) -> None:  # this model's result so far, beside the models before it
+        done = [r for r in results["runs"] if r["model"] != run["model"]]
+        out.write_text(json.dumps({**results, "runs": done + [run]}, indent=2))
+
+    if not args.only_1b:
+        results["runs"].append(compare(args.model, args, "SmolLM2-135M", save))
     if args.llama_1b or args.only_1b:
         from transformers import AutoTokenizer
 
@@ -214,11 +228,7 @@ def main() -> None:
         del big
         torch.cuda.empty_cache()
         args.limit = args.limit_1b
-        results["runs"].append(compare(folder, args, f"random-init Llama {n / 1e9:.2f}B"))
-    name = "eval_speed_1b.json" if args.only_1b else "eval_speed.json"
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+        results["runs"].append(compare(folder, args, f"random-init Llama {n / 1e9:.2f}B", save))
 
 
 if __name__ == "__main__":

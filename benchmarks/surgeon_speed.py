@@ -12,10 +12,12 @@ cubed factor dimensions), times the number of shots. Prints a table, writes surg
 benchmarks/results/). ``--llama2_7b`` measures the Llama-2-7B shape itself (hidden 4096, MLP 11008, 32 layers, 32
 heads): its float64 factors (261 GiB) cannot all be resident, so only the blockwise run is timed (``--shots`` shots
 with the curvature of ``--blocks_per_pass`` blocks at a time), with one plain forward+backward for scale; the 40-shot
-figure is then the measured time per shot times 40.
+figure is then the measured time per shot times 40. Its JSON (surgeon_speed_7b.json) is written after every curvature
+pass as well, so a run cut off within a shot still says how long a pass takes and how much memory it used.
 """
 
 import argparse
+import logging
 import json
 import os
 import time
@@ -151,6 +153,27 @@ def measured_7b(args, model, batches, n_params: int, fb: float, timed) -> None:
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "surgeon_speed_7b.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"provenance": provenance(None, {"tokens": "random ids", "samples": args.samples, "seq": args.seq}),
+              "args": vars(args), "params": n_params, "fb_s": fb, "passes": [], "complete": False}
+    passes, began = record["passes"], time.perf_counter()
+
+    class Passes(logging.Handler):
+        """Each curvature pass as Surgeon logs it, written at once: a run cut off mid-shot still says how long a
+        pass takes (a shot is 32 / blocks_per_pass passes) and how much memory it used."""
+
+        def emit(self, rec: logging.LogRecord) -> None:
+            if rec.getMessage().startswith("curvature of blocks"):
+                passes.append({"message": rec.getMessage(), "since_start_s": time.perf_counter() - began,
+                               "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+                print(f"  pass {len(passes)}: {passes[-1]['message']}, {passes[-1]['since_start_s']:.0f} s since the "
+                      f"start, peak {passes[-1]['peak_gib']:.1f} GiB", flush=True)
+                out.write_text(json.dumps(record, indent=2))
+
+    logger = logging.getLogger("chop.pruning.surgeon")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Passes())
     surgeon = Surgeon(sparsity=args.sparsity, shots=args.shots, blocks_per_pass=args.blocks_per_pass)
     report, total = timed(lambda: surgeon.prune(model, batches))
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -164,13 +187,9 @@ def measured_7b(args, model, batches, n_params: int, fb: float, timed) -> None:
     print(f"\nLLM Surgeon, Llama-2-7B shape, on {torch.cuda.get_device_name()}")
     for k, v in rows:
         print(f"  {k:<70}{v:>12}")
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "surgeon_speed_7b.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"provenance": provenance(None, {"tokens": "random ids", "samples": args.samples,
-                                                               "seq": args.seq}),
-                               "args": vars(args), "params": n_params, "params_after": kept, "fb_s": fb,
-                               "surgeon_s": total, "per_shot_s": per_shot, "peak_gib": peak,
-                               "projected_40_shots_h": 40 * per_shot / 3600}, indent=2))
+    record.update(complete=True, params_after=kept, surgeon_s=total, per_shot_s=per_shot, peak_gib=peak,
+                  projected_40_shots_h=40 * per_shot / 3600)
+    out.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

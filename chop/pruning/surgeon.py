@@ -9,6 +9,8 @@ optimal update), as the paper defines it; the update itself goes to the consumin
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -20,6 +22,8 @@ from chop.pruning import kfac, lora, shots
 from chop.pruning.elements import global_threshold, nm_costs
 from chop.pruning.pruner import Mode, Pruner, Report
 from chop.pruning.structures import choose, linears, removed_parts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,12 +120,16 @@ class Curvature(Sparsity):
         step = self.blocks_per_pass or n
         prefix = architecture(model.config).layers
         for start in range(0, n, step):
+            began = time.perf_counter()
             blocks = tuple(f"{prefix}.{i}." for i in range(start, min(n, start + step)))
             factors = kfac.collect(model, {k: v for k, v in layers.items() if k.startswith(blocks)}, batches,
                                    self.fisher_samples, device)
             if not self.diagonal:
                 for f in factors.values():
                     f.invert(self.damping_a, self.damping_g)
+            if step < n:  # a large model's shot takes minutes: say how far it is
+                log.info("curvature of blocks %d-%d of %d: %.1f s", start, min(n, start + step) - 1, n,
+                         time.perf_counter() - began)
             yield factors
             del factors
 
