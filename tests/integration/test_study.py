@@ -15,9 +15,12 @@ import yaml
 from helpers import EVAL_FIX, FIX, ROOT, TINY_CPU, tiny_llama
 
 
-def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch, device):
     model = tiny_llama(tmp_path / "model", layers=4)
     base = yaml.safe_load(open(TINY_CPU))
+    if device == "gpu":  # as the study runs: bf16 autocast, and still each export scores what its run reported
+        base["trainer"].update(accelerator="gpu", precision="bf16-mixed")
     base["model"]["init_args"].pop("config")
     base["model"]["init_args"].update(name=str(model), tokenizer=str(model))
     base["model"]["init_args"].pop("chop")
@@ -65,12 +68,6 @@ def test_the_study_runs_two_arms_resumes_and_reports(tmp_path, monkeypatch):
     verify = json.loads((tmp_path / "runs" / "verify.json").read_text())
     assert verify.keys() == {"placement", "curvature"} and all(v["same"] for v in verify.values()), verify
     assert verify["placement"]["params"] == fit["params"]
-    # --only verifies those sections again and keeps the others' entries (their exports may be on another machine)
-    (tmp_path / "runs" / "verify.json").write_text(json.dumps({**verify, "placement": {**verify["placement"], "x": 1}}))
-    again = subprocess.run(run + ["--verify", "--only", "curvature"], capture_output=True, text=True, cwd=ROOT)
-    assert again.returncode == 0 and "verify: placement" not in again.stdout, again.stdout + again.stderr[-3000:]
-    kept = json.loads((tmp_path / "runs" / "verify.json").read_text())
-    assert kept["placement"]["x"] == 1 and kept["curvature"] == verify["curvature"], kept
     readme = tmp_path / "README.md"
     readme.write_text("# The study\n\nWhat we found: ...\n")
     report = subprocess.run([sys.executable, str(ROOT / "recipes" / "study_smollm2" / "report.py"), "--study",
@@ -152,6 +149,13 @@ def test_the_runner_starts_a_section_once_the_one_it_needs_is_done_also_when_tha
     together.append(threading.Barrier(2, timeout=30))
     again.run([], at_once=2)
     assert sorted(r[0] for r in ran[3:]) == ["placement", "recovery"] and not together[0].broken
+    # --verify --only recovery: only recovery's best run again, and placement's entry in verify.json kept as it was
+    (tmp_path / "runs" / "verify.json").write_text(json.dumps({"placement": {"arm": "x", "same": True}}))
+    together.clear()  # one run now, nothing to wait for
+    checked = again.verify(["recovery"])
+    assert [r[0] for r in ran[5:]] == ["recovery"] and checked["placement"] == {"arm": "x", "same": True}
+    assert checked["recovery"]["same"] is None  # fake runs write no export to score
+    assert json.loads((tmp_path / "runs" / "verify.json").read_text()) == checked
 
     tries = []
     lone = study()
