@@ -128,6 +128,8 @@ class Curvature(Sparsity):
                 for f in factors.values():
                     f.invert(self.damping_a, self.damping_g)
             if step < n:  # a large model's shot takes minutes: say how far it is
+                if next(model.parameters()).is_cuda:
+                    torch.cuda.synchronize()  # the pass's own time, not its kernels' launch
                 log.info("curvature of blocks %d-%d of %d: %.1f s", start, min(n, start + step) - 1, n,
                          time.perf_counter() - began)
             yield factors
