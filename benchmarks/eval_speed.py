@@ -203,9 +203,8 @@ def main() -> None:
                                                                            else "eval_speed.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save(run: dict) -> None:  # this model's result so far, beside the models before it
-        done = [r for r in results["runs"] if r["model"] != run["model"]]
-        out.write_text(json.dumps({**results, "runs": done + [run]}, indent=2))
+    def save(run: dict) -> None:  # this model's result so far, after the models done before it
+        out.write_text(json.dumps({**results, "runs": results["runs"] + [run]}, indent=2))
 
     if not args.only_1b:
         results["runs"].append(compare(args.model, args, "SmolLM2-135M", save))

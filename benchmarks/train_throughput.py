@@ -179,8 +179,9 @@ def main() -> None:
         results["variants"][v] = r
         print(f"{v:<26}{r['batch']:>6}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}{r['peak_gib']:>10.1f}", flush=True)
         write(results)  # after every variant: a run cut off later keeps what it measured
-    print("vs plain+compile: " + ", ".join(f"{v} {r['vs_plain_compiled']:.2f}x" for v, r in
-                                           results["variants"].items() if "vs_plain_compiled" in r))
+    ratios = [f"{v} {r['vs_plain_compiled']:.2f}x" for v, r in results["variants"].items() if "vs_plain_compiled" in r]
+    if ratios:
+        print("vs plain+compile: " + ", ".join(ratios))
 
 
 def write(results: dict) -> None:

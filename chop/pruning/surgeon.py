@@ -120,8 +120,8 @@ class Curvature(Sparsity):
         step = self.blocks_per_pass or n
         prefix = architecture(model.config).layers
         for start in range(0, n, step):
-            began = time.perf_counter()
-            blocks = tuple(f"{prefix}.{i}." for i in range(start, min(n, start + step)))
+            began, end = time.perf_counter(), min(n, start + step)
+            blocks = tuple(f"{prefix}.{i}." for i in range(start, end))
             factors = kfac.collect(model, {k: v for k, v in layers.items() if k.startswith(blocks)}, batches,
                                    self.fisher_samples, device)
             if not self.diagonal:
@@ -130,8 +130,7 @@ class Curvature(Sparsity):
             if step < n:  # a large model's shot takes minutes: say how far it is
                 if next(model.parameters()).is_cuda:
                     torch.cuda.synchronize()  # the pass's own time, not its kernels' launch
-                log.info("curvature of blocks %d-%d of %d: %.1f s", start, min(n, start + step) - 1, n,
-                         time.perf_counter() - began)
+                log.info("curvature of blocks %d-%d of %d: %.1f s", start, end - 1, n, time.perf_counter() - began)
             yield factors
             del factors
 
