@@ -144,7 +144,8 @@ def free_gpu_bytes(model) -> Optional[int]:
 def curvature_bytes(model, blocks_per_pass: int, keeps_inverses: bool) -> tuple[int, int]:
     """About the GPU memory K-FAC needs beside the model, in bytes: one pass's float64 factors at their largest (twice:
     the sums and the factors, or the factors and their inverses, plus two temporaries of the largest while inverting
-    it), and the consuming linears' input inverses that a structured Surgeon shot keeps for its updates."""
+    it), and the consuming linears' input inverses that a structured Surgeon shot keeps for its updates on the GPU
+    (block by block they wait in host memory instead: ``structured_shot``)."""
     arch = architecture(model.config)
     sizes, n = {name: kfac.factor_sizes(l) for name, l in linears(model).items()}, len(decoder_layers(model))
     block = [sum(a * a + g * g for name, (a, g) in sizes.items() if name.startswith(f"{arch.layers}.{i}."))
@@ -154,7 +155,7 @@ def curvature_bytes(model, blocks_per_pass: int, keeps_inverses: bool) -> tuple[
     per_pass = 8 * (2 * max(sum(block[s:s + step]) for s in range(0, n, step)) + 2 * largest)
     consumers = (f".{arch.attention[3]}", f".{arch.mlp_out}")
     kept = sum(a * a for name, (a, _) in sizes.items() if name.endswith(consumers))
-    return per_pass, 8 * kept if keeps_inverses else 0
+    return per_pass, 8 * kept if keeps_inverses and not blocks_per_pass else 0
 
 
 def check_curvature_fits(model, spec: "Curvature", free: int) -> None:
@@ -277,7 +278,8 @@ def structured_shot(state: shots.State, passes: Iterable[dict[str, kfac.Factors]
     """Remove the cheapest structures until ``budget`` parameters are gone (``structures.choose``), then give each
     consuming linear the correlated update for all its removed columns (and, with ``update_rows``, each producing
     linear the update for its rows). ``passes`` yields the factors of some of the layers at a time; only the costs and
-    the inverses the updates need are kept."""
+    the inverses the updates need are kept, in host memory when the passes are block by block (``blocks_per_pass``:
+    they would otherwise grow on the GPU with every pass, by 1 GiB a block at Llama-2-7B's shape)."""
     layers, groups = state.layers, state.groups
     diagonal = spec.diagonal
     update_rows = getattr(spec, "update_rows", False)
@@ -285,6 +287,7 @@ def structured_shot(state: shots.State, passes: Iterable[dict[str, kfac.Factors]
     consumers = {p.name for s in groups for p in s.parts if p.axis == 1}
     parts: dict[tuple[str, int], list[float]] = {}  # plain lists: many small index sums, no device round trip each
     kept: dict[str, kfac.Factors] = {}
+    park = torch.device("cpu") if getattr(spec, "blocks_per_pass", 0) else None
     for factors in passes:
         while factors:  # each layer's factors freed once its costs are out
             name, f = factors.popitem()
@@ -292,8 +295,9 @@ def structured_shot(state: shots.State, passes: Iterable[dict[str, kfac.Factors]
             parts[name, 0] = row_cost(w, f.to(w.device)).tolist()
             parts[name, 1] = col_cost(w, f.to(w.device))[:layers[name].in_features].tolist()
             if not diagonal:
-                kept[name] = kfac.Factors(None, None, f.A_inv if name in consumers else None,
-                                          f.G_inv if update_rows and name not in consumers else None)
+                keep = kfac.Factors(None, None, f.A_inv if name in consumers else None,
+                                    f.G_inv if update_rows and name not in consumers else None)
+                kept[name] = keep.to(park) if park is not None else keep
     # Which parts a structure's cost adds: all (K-OBD, magnitude, the paper's Surgeon), or those the update touches.
     counted = (lambda p: True) if diagonal or update_rows or spec.structure_cost == "all_parts" else (lambda p: p.axis == 1)
     cost = [sum(sum(parts[p.name, p.axis][i] for i in p.index) for p in s.parts if counted(p)) for s in groups]
