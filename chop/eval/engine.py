@@ -193,6 +193,9 @@ class Scorer:
         self.encoder = encoder or Encoder(tokenizer)
         self.head = output_head(model)
         self.sharded = sharded
+        # An integer batch size lowered after running out of memory: the smallest it went to (None: never). Its
+        # batches are then not lm-eval's, and neither need its bf16 bits be.
+        self.lowered: Optional[int] = None
         config = model.config.get_text_config()
         sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
         # Shared rows restart each continuation's positions: models that take none (ALiBi: BLOOM) cannot.
@@ -269,6 +272,12 @@ class Scorer:
                     raise
                 cap = max(1, cap // 2)  # too generous a guess: halve it and try this batch again
                 torch.cuda.empty_cache()
+                if fixed:
+                    self.lowered = cap
+                    log.warning("batch_size %d: out of GPU memory in a batch of %d rows of up to %d tokens; going on "
+                                "with %d rows a batch, so the numbers may differ from lm-eval's at batch size %d by "
+                                "rounding (free GPU memory, or give that batch size, to keep them)",
+                                self.batch_size, n, widths[start], cap, self.batch_size)
                 continue
             start += n
         # Read back once at the end: a read per batch would stall the host while the GPU runs, instead of letting it

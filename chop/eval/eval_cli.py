@@ -138,7 +138,7 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     print(f"{model}: {seconds:.1f} s end to end ({clock})")
     out = {"model": model, "tasks": tasks, "limit": limit, "dtype": dtype, "device": device, "mode": mode,
            "seconds": seconds,
-           "phases": clock.phases, **to_json(results, samples)}
+           "phases": clock.phases, **to_json(results, samples), "batch_size_lowered_to": scorer.lowered}
     if output:
         Path(output).write_text(json.dumps(out, indent=2))
     return out

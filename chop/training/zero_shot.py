@@ -108,7 +108,8 @@ class ZeroShotEvalCallback(Callback):
             self.encoder.save()
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-            self._write(trainer, {"step": step, "tasks": self.tasks, "limit": self.limit, **to_json(results)})
+            self._write(trainer, {"step": step, "tasks": self.tasks, "limit": self.limit, **to_json(results),
+                                  "batch_size_lowered_to": scorer.lowered})  # rank 0's: out of memory, it went on
         return metrics
 
     def _write(self, trainer: Any, out: dict) -> None:

@@ -369,7 +369,8 @@ class Study:
         six = [acc[t][0] for t in JUST_CHOP if t in acc]
         return {"tasks": acc, "average": sum(a for a, _ in acc.values()) / max(1, len(acc)),
                 "just_chop_average": sum(six) / len(six) if six else None,
-                "perplexity": res.get("c4", {}).get("perplexity")}
+                "perplexity": res.get("c4", {}).get("perplexity"),
+                "batch_size_lowered_to": evaluation.get("batch_size_lowered_to")}  # out of GPU memory: not lm-eval's batches
 
     def provenance(self, seed: int) -> dict:
         """chop's provenance record (GPU, commit, model and its weights' sha256, data) of this run, and its seed."""
@@ -467,6 +468,8 @@ class Study:
                             "params": sum(p.numel() for p in net.parameters()),
                             "logits_max_abs_diff_chop_loader": logits_diff, "accuracy_abs_diff": acc,
                             "perplexity": [reported["perplexity"], again["perplexity"]],
+                            "batch_size_lowered_to": [reported.get("batch_size_lowered_to"),
+                                                      again["batch_size_lowered_to"]],
                             "same": max(acc.values()) == 0 and again["perplexity"] == reported["perplexity"]}
             print(f"verify: {section} / {arm}: {'the same' if out[section]['same'] else 'DIFFERENT'} "
                   f"(largest accuracy difference {max(acc.values()):.4f})", flush=True)

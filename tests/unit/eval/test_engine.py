@@ -127,7 +127,9 @@ def test_scoring_runs_with_the_collector_off_and_restores_it(eval_model, eval_to
         gc.enable()
 
 
-def test_a_batch_that_runs_out_of_memory_is_halved_and_the_scores_stay(eval_model, eval_tokenizer, monkeypatch):
+def test_a_batch_that_runs_out_of_memory_is_halved_and_the_scores_stay(eval_model, eval_tokenizer, monkeypatch,
+                                                                        caplog):
+    """Halved, and said: a batch size given as lm-eval's that had to be lowered no longer gives lm-eval's batches."""
     requests = all_requests()[:60]
     base = Scorer(eval_model, eval_tokenizer, batch_size=64).loglikelihood(requests)
     real, sizes = Scorer._score_batch, []
@@ -140,8 +142,11 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_the_scores_stay(eval_mode
         return real(self, batch)
 
     monkeypatch.setattr(Scorer, "_score_batch", small_gpu)
-    halved = Scorer(eval_model, eval_tokenizer, batch_size=64).loglikelihood(requests)
+    scorer = Scorer(eval_model, eval_tokenizer, batch_size=64)
+    with caplog.at_level("WARNING", logger="chop.eval.engine"):
+        halved = scorer.loglikelihood(requests)
     assert max(sizes) <= 120 and len(sizes) > 3
+    assert scorer.lowered is not None and scorer.lowered < 64 and "batch_size 64: out of GPU memory" in caplog.text
     assert max(abs(a[0] - b[0]) for a, b in zip(halved, base)) < 1e-4
 
 
