@@ -273,10 +273,10 @@ class Scorer:
                 cap = max(1, cap // 2)  # too generous a guess: halve it and try this batch again
                 torch.cuda.empty_cache()
                 if fixed:
-                    self.lowered = cap
+                    self.lowered = cap if self.lowered is None else min(self.lowered, cap)
                     log.warning("batch_size %d: out of GPU memory in a batch of %d rows of up to %d tokens; going on "
                                 "with %d rows a batch, so the numbers may differ from lm-eval's at batch size %d by "
-                                "rounding (free GPU memory, or give that batch size, to keep them)",
+                                "rounding (free GPU memory to keep them)",
                                 self.batch_size, n, widths[start], cap, self.batch_size)
                 continue
             start += n

@@ -369,8 +369,8 @@ class Study:
         six = [acc[t][0] for t in JUST_CHOP if t in acc]
         return {"tasks": acc, "average": sum(a for a, _ in acc.values()) / max(1, len(acc)),
                 "just_chop_average": sum(six) / len(six) if six else None,
-                "perplexity": res.get("c4", {}).get("perplexity"),
-                "batch_size_lowered_to": evaluation.get("batch_size_lowered_to")}  # out of GPU memory: not lm-eval's batches
+                "perplexity": res.get("c4", {}).get("perplexity"),  # and a batch size halved when out of memory:
+                "batch_size_lowered_to": evaluation.get("batch_size_lowered_to")}
 
     def provenance(self, seed: int) -> dict:
         """chop's provenance record (GPU, commit, model and its weights' sha256, data) of this run, and its seed."""

@@ -212,8 +212,8 @@ def test_curvature_that_cannot_fit_on_the_gpu_is_refused_before_the_first_pass(m
     assert per_pass == 8 * (2 * 8 * 548_077_568 + 2 * 11008**2) and kept == 0
     assert curvature_bytes(model, 0, keeps_inverses=True)[1] == 8 * 32 * (4096**2 + 11008**2)
     free = 80 * 2**30
-    with pytest.raises(ValueError, match=r"pruning\.blocks_per_pass: the curvature of 10 decoder blocks at a time needs "
-                                         r"about 83 GiB of float64 factors; 80 GiB .* free.*Set "
+    with pytest.raises(ValueError, match=r"pruning\.blocks_per_pass: the curvature of 10 decoder blocks at a time "
+                                         r"needs about 83 GiB of float64 factors; 80 GiB .* free.*Set "
                                          r"pruning\.blocks_per_pass to 9 or fewer"):
         check_curvature_fits(model, Surgeon(blocks_per_pass=10), free)
     check_curvature_fits(model, Surgeon(blocks_per_pass=9), free)
