@@ -104,3 +104,25 @@ def test_kfac_factors_of_a_linear_layer_are_its_input_and_output_gradient_moment
     a, g = seen["a"].flatten(0, 1), seen["o"].grad.flatten(0, 1)
     assert torch.allclose(factors[name].A, a.T @ a / len(a), rtol=1e-8)
     assert torch.allclose(factors[name].G, g.T @ g / len(g), rtol=1e-6)
+
+
+def test_the_gradient_enters_at_the_first_layer_whose_curvature_is_gathered():
+    """Curvature of block 2 of 4 alone (``blocks_per_pass``): blocks 0 and 1 are neither traced nor run backward, and
+    block 2's factors are those gathered with every layer at once."""
+    torch.manual_seed(0)
+    model = load_model(config=dict(TINY["llama"], num_hidden_layers=4)).double()
+    every = linears(model)
+    mine = {n: l for n, l in every.items() if n.startswith("model.layers.2.")}
+    traced = {}
+    def record(i):  # whether block i's output is traced for backward
+        return lambda m, a, o: traced.__setitem__(i, (o[0] if isinstance(o, tuple) else o).requires_grad)
+
+    spies = [block.register_forward_hook(record(i)) for i, block in enumerate(model.model.layers)]
+    ids = torch.randint(2, 128, (2, 9))
+    alone = kfac.collect(model, mine, [ids])
+    for s in spies:
+        s.remove()
+    assert traced == {0: False, 1: False, 2: True, 3: True}
+    together = kfac.collect(model, every, [ids])
+    for name in mine:
+        assert torch.allclose(alone[name].A, together[name].A) and torch.allclose(alone[name].G, together[name].G)
