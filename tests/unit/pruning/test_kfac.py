@@ -114,6 +114,7 @@ def test_the_gradient_enters_at_the_first_layer_whose_curvature_is_gathered():
     every = linears(model)
     mine = {n: l for n, l in every.items() if n.startswith("model.layers.2.")}
     traced = {}
+
     def record(i):  # whether block i's output is traced for backward
         return lambda m, a, o: traced.__setitem__(i, (o[0] if isinstance(o, tuple) else o).requires_grad)
 

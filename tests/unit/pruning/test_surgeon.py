@@ -217,6 +217,7 @@ def test_curvature_that_cannot_fit_on_the_gpu_is_refused_before_the_first_pass(m
                                          r"pruning\.blocks_per_pass to 9 or fewer"):
         check_curvature_fits(model, Surgeon(blocks_per_pass=10), free)
     check_curvature_fits(model, Surgeon(blocks_per_pass=9), free)
+    check_curvature_fits(model, KOBD(blocks_per_pass=8), free)  # no inverses kept: 67 GiB fit
     with pytest.raises(ValueError, match=r"all decoder blocks at once needs about 263 GiB of float64 factors, plus 33 "
                                          r"GiB of inverses kept for the updates.*blocks_per_pass to 9 or fewer"):
         check_curvature_fits(model, Surgeon(), free)
