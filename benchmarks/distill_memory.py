@@ -44,7 +44,7 @@ def build(kind: str, chunk: int, checkpointing: bool = False):
                               loss=DistillLoss(lm=1.0, logits=1.0, divergence="forward_kl", temperature=2.0))
     else:
         module = ContinuedPretraining(**common)
-    with torch.device("cuda"):  # initialise on the GPU: seconds, not minutes
+    with torch.device("cuda"):  # as Lightning does: chop builds on the CPU, then moves the model here
         module.configure_model()
     module.cuda().train()
     opt = optim.build(module, module.optim_cfg, 1000)["optimizer"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,6 +56,11 @@ def load_model(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: '{dtype}' is not one of {list(DTYPES)}")
+    return built_on_cpu(lambda: _load(name, config, dtype, attn_implementation, seed))
+
+
+def _load(name: Optional[str], config: Optional[dict], dtype: str, attn_implementation: Optional[str],
+          seed: int) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -75,7 +81,20 @@ def load_model(
 
 def from_config(config: Any, **kwargs: Any) -> PreTrainedModel:
     """A random-init model of ``config``, with the per-layer widths a structured prune recorded (``chop_widths``)."""
-    return apply_widths(AutoModelForCausalLM.from_config(config, **kwargs))
+    return built_on_cpu(lambda: apply_widths(AutoModelForCausalLM.from_config(config, **kwargs)))
+
+
+def built_on_cpu(build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
+    """``build()`` on the CPU, then moved to the default device where that is an accelerator (Lightning builds the
+    model under its GPU's): a GPU computes the buffers a model derives rather than loads (RoPE's ``inv_freq``) an ulp
+    away from the CPU, where ``from_pretrained`` computes them for chop eval, lm-eval and users, and under bf16 that
+    ulp moved a trained model's scores by a few documents from its export's. The meta device builds as it is."""
+    device = torch.get_default_device()
+    if device.type in ("cpu", "meta"):
+        return build()
+    with torch.device("cpu"):
+        model = build()
+    return model.to(device)
 
 
 def _load_per_layer_widths(path: str, config: Any, kwargs: dict) -> PreTrainedModel:
