@@ -462,19 +462,22 @@ class Study:
                                       callback["init_args"].get("batch_size", "auto"))
             else:
                 again = self.evaluate(folder, export, 0, scores)
-            reported = result["after"]
-            acc = {t: abs(again["tasks"][t][0] - a) for t, (a, _) in reported["tasks"].items()}
             out[section] = {"arm": arm, "seed": seed, "export": str(export.relative_to(self.runs)),
                             "params": sum(p.numel() for p in net.parameters()),
-                            "logits_max_abs_diff_chop_loader": logits_diff, "accuracy_abs_diff": acc,
-                            "perplexity": [reported["perplexity"], again["perplexity"]],
-                            "batch_size_lowered_to": [reported.get("batch_size_lowered_to"),
-                                                      again["batch_size_lowered_to"]],
-                            "same": max(acc.values()) == 0 and again["perplexity"] == reported["perplexity"]}
+                            "logits_max_abs_diff_chop_loader": logits_diff, **compared(result["after"], again)}
             print(f"verify: {section} / {arm}: {'the same' if out[section]['same'] else 'DIFFERENT'} "
-                  f"(largest accuracy difference {max(acc.values()):.4f})", flush=True)
+                  f"(largest accuracy difference {max(out[section]['accuracy_abs_diff'].values()):.4f})", flush=True)
+            written.write_text(json.dumps(out, indent=2))  # each section as it is done: a later one cut off loses none
         written.write_text(json.dumps(out, indent=2))
         return out
+
+
+def compared(reported: dict, again: dict) -> dict:
+    """How a run's own end-of-training scores (``reported``) and its export's ``chop eval`` (``again``) differ."""
+    acc = {t: abs(again["tasks"][t][0] - a) for t, (a, _) in reported["tasks"].items()}
+    return {"accuracy_abs_diff": acc, "perplexity": [reported["perplexity"], again["perplexity"]],
+            "batch_size_lowered_to": [reported.get("batch_size_lowered_to"), again["batch_size_lowered_to"]],
+            "same": max(acc.values()) == 0 and again["perplexity"] == reported["perplexity"]}
 
 
 def main() -> None:
