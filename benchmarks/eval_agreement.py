@@ -34,12 +34,13 @@ def main() -> None:
         raise SystemExit("--float32/--exact/--fast: the three runs must score the same model, tasks and --limit")
     table = compare(runs["float32"], runs["fast"], runs["exact"])
     print(f"{'task':<16}{'fast |Δ| med':>13}{'p99':>9}{'exact bf16 med':>15}{'p99':>9}{'med ratio':>10}"
-          f"{'acc Δ fast':>11}{'exact':>8}")
+          f"{'acc Δ fast':>11}{'exact':>8}{'further/doc ± se':>20}{'within':>8}")
     for task, t in table.items():
         f, b = t["fast"], t["bf16"]
         t["median_ratio"], t["p99_ratio"] = f["median"] / b["median"], f["p99"] / b["p99"]
         print(f"{task:<16}{f['median']:>13.3g}{f['p99']:>9.3g}{b['median']:>15.3g}{b['p99']:>9.3g}"
-              f"{t['median_ratio']:>10.2f}{f['acc_diff']:>+11.4f}{b['acc_diff']:>+8.4f}")
+              f"{t['median_ratio']:>10.2f}{f['acc_diff']:>+11.4f}{b['acc_diff']:>+8.4f}"
+              f"{t['excess']['mean']:>11.3f} ± {t['excess']['stderr']:<6.3f}{str(t['within']):>8}")
     times = {k: {"seconds": r["seconds"], "phases": r["phases"], "average": r["average"]} for k, r in runs.items()}
     for k, t in times.items():
         print(f"{k:<8} {t['seconds']:6.1f} s ({', '.join(f'{n} {s:.1f}' for n, s in t['phases'].items())}), "

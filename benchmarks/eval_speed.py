@@ -53,6 +53,15 @@ def run_chop(model_dir: str, args, dtype: str, share: bool = False, limit: Optio
     return timed(cmd, out)
 
 
+def phases(ours: dict, wall: float) -> dict:
+    """Where a ``chop eval`` run's wall-clock time went: its own phases, its start-up (process start to its clock,
+    where it could tell) and the rest (writing the JSON, exit)."""
+    if ours.get("start_up") is None:
+        return {"start-up, imports, exit": wall - ours["seconds"], **ours["phases"]}
+    return {"start-up, imports": ours["start_up"], **ours["phases"],
+            "output, exit": wall - ours["start_up"] - ours["seconds"]}
+
+
 def run_lm_eval(model_dir: str, args, tasks: list[str], batch: int, limit: Optional[int] = None) -> tuple[dict, float]:
     out, limit = TMP / "lm_eval.json", limit or args.limit
     cmd = [sys.executable, __file__, "--lm_eval_worker", str(out), "--model", model_dir, *data_dir(args),
@@ -101,7 +110,7 @@ def compare(model_dir: str, args, label: str, save: Callable[[dict], None]) -> d
     worst, flips = differ(lls["chop"], lls["lm_eval"])
     out = {"model": label, "dtype": args.dtype, "chop_s": chop_s, "lm_eval_s": lm_eval_s,
            "speedup": lm_eval_s / chop_s, "repeats": args.repeats, "chop_times": [s for _, s in chop_runs],
-           "chop_phases": {"start-up, imports, exit": chop_runs[0][1] - ours["seconds"], **ours["phases"]},
+           "chop_phases": phases(ours, chop_runs[0][1]),
            "lm_eval_batch": args.lm_eval_batch, "metrics": metrics,
            "identical": all(v[0] == v[1] for v in metrics.values()), "max_ll_diff": worst, "argmax_flips": flips,
            "requests": sum(len(d) for v in lls["chop"].values() for d in v)}
@@ -142,10 +151,12 @@ def compare(model_dir: str, args, label: str, save: Callable[[dict], None]) -> d
             from chop.eval.agreement import compare as agreement
 
             out["agreement"] = agreement(exact, shared, ours)
-            print(f"  {'task':<16}{'fast |Δ| median':>16}{'p99':>9}{'bf16 |Δ| median':>17}{'p99':>9}{'within':>8}")
+            print(f"  {'task':<16}{'fast |Δ| median':>16}{'p99':>9}{'bf16 |Δ| median':>17}{'p99':>9}"
+                  f"{'further/doc ± se':>20}{'within':>8}")
             for task, a in out["agreement"].items():
                 print(f"  {task:<16}{a['fast']['median']:>16.2e}{a['fast']['p99']:>9.2e}{a['bf16']['median']:>17.2e}"
-                      f"{a['bf16']['p99']:>9.2e}{str(a['within']):>8}")
+                      f"{a['bf16']['p99']:>9.2e}{a['excess']['mean']:>11.3f} ± {a['excess']['stderr']:<6.3f}"
+                      f"{str(a['within']):>8}")
     print(f"  {'metric':<24}{'chop':>8}" + "".join(f"{'lm-eval b' + str(b):>14}" for b in args.lm_eval_batch))
     for k, v in metrics.items():
         print(f"  {k:<24}{v[0]:>8.4f}" + "".join(f"{x:>14.4f}" for x in v[1:]))

@@ -38,6 +38,16 @@ class Clock:
         return ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
 
 
+def since_process_start() -> Optional[float]:
+    """Seconds since this process started (Linux's /proc; None elsewhere): its start-up and imports, which happen
+    before any clock of chop's can run."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: start time
+        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def tokenizer_of(model: str) -> PreTrainedTokenizerBase:
     """The tokenizer of an HF directory or hub id, or the one a ``.ckpt`` records."""
     from chop.models.loading import load_tokenizer
@@ -118,9 +128,10 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     if dtype not in (*DTYPES, "bf16-mixed"):
         raise ValueError(f"--dtype: '{dtype}' is not one of {[*DTYPES, 'bf16-mixed']}")
     mixed = dtype == "bf16-mixed"
-    clock = Clock()
-    tokenizer, chosen = tokenizer_of(model), get(tasks)
-    encoder = Encoder(tokenizer, threads=True, cache_dir=token_cache())  # this process forks nothing after it
+    clock, start_up = Clock(), since_process_start()
+    tokenizer, chosen = clock.time("load tokenizer", tokenizer_of, model), get(tasks)
+    # this process forks nothing after it: the tokenizer's threads
+    encoder = clock.time("read token cache", Encoder, tokenizer, threads=True, cache_dir=token_cache())
     with no_gc(), ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
         loading = pool.submit(clock.time, "load model", load, model, "float32" if mixed else dtype, device)
         docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)
@@ -137,7 +148,7 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     print(table(results))
     print(f"{model}: {seconds:.1f} s end to end ({clock})")
     out = {"model": model, "tasks": tasks, "limit": limit, "dtype": dtype, "device": device, "mode": mode,
-           "seconds": seconds,
+           "seconds": seconds, "start_up": start_up,  # process start to the clock: interpreter, imports, arguments
            "phases": clock.phases, **to_json(results, samples), "batch_size_lowered_to": scorer.lowered}
     if output:
         Path(output).write_text(json.dumps(out, indent=2))

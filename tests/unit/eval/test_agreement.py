@@ -16,8 +16,25 @@ def test_distances_are_the_per_choice_differences_and_the_accuracy_change():
     d = distance(truth, other, "piqa")
     assert d == {"median": pytest.approx(0.125), "p99": pytest.approx(0.4925), "max": 0.5, "acc_diff": 0.5}
     assert compare(truth, truth, other)["piqa"]["within"] and not compare(truth, other, truth)["piqa"]["within"]
+    # per document Σ|Δ other| − 0: 0.5 and 0.25; their mean and its standard error
+    assert compare(truth, other, truth)["piqa"]["excess"] == {"mean": 0.375, "stderr": pytest.approx(0.125)}
     with pytest.raises(ValueError, match="same --limit"):
         distance(truth, result([[-1.0, -2.0]], 0.5), "piqa")
+
+
+def test_a_fast_run_as_far_from_float32_as_bf16_by_chance_is_within_and_one_further_is_not():
+    """Two independent bf16-sized roundings of the same numbers: one has the larger median |Δ| by chance (the rule
+    that fast's median be no larger would refuse it); a rounding twice as coarse is further, and refused."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(-20, 5, size=(2000, 4))
+    truth, fast = result(base.tolist(), 0.5), result((base + rng.normal(0, 0.1, base.shape)).tolist(), 0.5)
+    bf16 = result((base + rng.normal(0, 0.1, base.shape)).tolist(), 0.5)
+    coarse = result((base + rng.normal(0, 0.2, base.shape)).tolist(), 0.5)
+    same = compare(truth, fast, bf16)["piqa"]
+    assert same["fast"]["median"] > same["bf16"]["median"] and same["within"], same
+    assert not compare(truth, coarse, bf16)["piqa"]["within"]
 
 
 def test_a_document_with_one_continuation_has_one_log_likelihood():
