@@ -29,7 +29,7 @@ KEEP = 16
 GB = 2**30
 
 
-def build(kind: str, chunk: int, checkpointing: bool = False):
+def build(kind: str, chunk: int, checkpointing: bool = False, kernels: str = "torch"):
     """The chopped student as ``ContinuedPretraining`` or ``Distillation`` (teacher: the unchopped model), on GPU."""
     from chop.pruning.layerchop import LayerChop
     from chop.training import optim
@@ -37,7 +37,7 @@ def build(kind: str, chunk: int, checkpointing: bool = False):
     from chop.training.pretrain import ContinuedPretraining
 
     common = dict(config=TEACHER, chop=LayerChop("input", n_keep=KEEP), logit_chunk=chunk, export_on_end=False,
-                  gradient_checkpointing=checkpointing,
+                  gradient_checkpointing=checkpointing, kernels=kernels,
                   optim=optim.Optim(lr=3e-4, warmup_steps=10))
     if kind == "distill":
         module = Distillation(**common, teacher_dtype="bfloat16",
@@ -69,7 +69,7 @@ def batches(args, n: int):
 def measure(kind: str, chunk: int, args, timed: int = 0) -> dict:
     """Peak memory of a step (and, with ``timed``, the median step time over that many steps after 3 warm-up)."""
     torch.cuda.empty_cache()
-    module, opt = build(kind, chunk, getattr(args, "gradient_checkpointing", False))
+    module, opt = build(kind, chunk, getattr(args, "gradient_checkpointing", False), getattr(args, "kernels", "torch"))
     out: dict = {"student_params": module.model_size.params}
     if kind == "distill":
         out["teacher_params"] = module.teacher_size.params

@@ -9,7 +9,8 @@ eval`` (``--dtype``, default bf16; batch size auto; its JSON says where its time
 ``simple_evaluate(model="hf", dtype, batch_size=64)`` with its own task definitions, its ``load_dataset`` pointed at
 the rows of ``--data_dir`` (chop.eval.reference). Reports both times, the ratio, every metric side by side and the
 largest per-example log-likelihood difference. ``--fast`` times ``chop eval --mode fast`` once more (contexts shared
-between choices: fewer tokens; numbers equal to lm-eval's only to bf16 rounding), and with ``--float32_reference``
+between choices: fewer tokens; numbers equal to lm-eval's only to bf16 rounding; ``--fast_kernels liger`` with
+liger-kernel's fused kernels, their Triton compilation done in the warm-up), and with ``--float32_reference``
 reports per task its |Δ log-likelihood| from float32 against exact bf16's (``chop.eval.agreement``). ``--float32_reference`` scores once
 more in float32 and says how far each bf16 run is from it; more than one ``--lm_eval_batch`` reruns lm-eval at those
 batch sizes and says whether its own numbers change. ``--llama_1b`` adds a random-init Llama of about 1B parameters
@@ -50,7 +51,7 @@ def run_chop(model_dir: str, args, dtype: str, share: bool = False, limit: Optio
     cmd = [sys.executable, "-m", "chop", "eval", "--model", model_dir, "--tasks", args.tasks, *data_dir(args),
            "--dtype", dtype, "--device", args.device, "--samples", "true", "--output", str(out),
            "--mode", "fast" if share else "exact"] + (["--limit", str(limit)] if limit else [])
-    return timed(cmd, out)
+    return timed(cmd + (["--kernels", args.fast_kernels] if share else []), out)
 
 
 def phases(ours: dict, wall: float) -> dict:
@@ -92,9 +93,13 @@ def per_document(result: dict) -> dict[str, list[list[float]]]:
 def compare(model_dir: str, args, label: str, save: Callable[[dict], None]) -> dict:
     """chop against lm-eval on one model, timed; ``save`` is called with the result so far after each part (the
     speed comparison first), so that a run cut off later keeps what it measured."""
+    warmup = {}
     if args.warmup:  # untimed: both engines then start with compiled bytecode and the files in the page cache
-        tasks = list(run_chop(model_dir, args, args.dtype, limit=2)[0]["results"])
-        run_lm_eval(model_dir, args, tasks, args.lm_eval_batch[0], limit=2)
+        first, warmup["chop_s"] = run_chop(model_dir, args, args.dtype, limit=2)
+        tasks = list(first["results"])
+        if args.fast:  # and fast mode with Triton's kernels compiled and cached, as on a user's second run
+            warmup["chop_fast_s"] = run_chop(model_dir, args, args.dtype, share=True, limit=2)[1]
+        warmup["lm_eval_s"] = run_lm_eval(model_dir, args, tasks, args.lm_eval_batch[0], limit=2)[1]
     chop_runs = [run_chop(model_dir, args, args.dtype) for _ in range(args.repeats)]
     ours, chop_s = chop_runs[0][0], statistics.median(s for _, s in chop_runs)
     tasks = list(ours["results"])
@@ -111,7 +116,7 @@ def compare(model_dir: str, args, label: str, save: Callable[[dict], None]) -> d
     out = {"model": label, "dtype": args.dtype, "chop_s": chop_s, "lm_eval_s": lm_eval_s,
            "speedup": lm_eval_s / chop_s, "repeats": args.repeats, "chop_times": [s for _, s in chop_runs],
            "chop_phases": phases(ours, chop_runs[0][1]),
-           "lm_eval_batch": args.lm_eval_batch, "metrics": metrics,
+           "lm_eval_batch": args.lm_eval_batch, "warmup_2_documents_s": warmup, "metrics": metrics,
            "identical": all(v[0] == v[1] for v in metrics.values()), "max_ll_diff": worst, "argmax_flips": flips,
            "requests": sum(len(d) for v in lls["chop"].values() for d in v)}
     save(out)
@@ -124,7 +129,8 @@ def compare(model_dir: str, args, label: str, save: Callable[[dict], None]) -> d
         shared, seconds = run_chop(model_dir, args, args.dtype, share=True)
         worst, flips = differ(per_document(shared), lls["lm_eval"])
         same = sum(shared["results"][k.split("/")[0]][k.split("/")[1]] == v[1] for k, v in metrics.items())
-        out["fast"] = {"chop_s": seconds, "speedup": lm_eval_s / seconds, "max_ll_diff": worst,
+        out["fast"] = {"kernels": args.fast_kernels, "chop_s": seconds, "speedup": lm_eval_s / seconds,
+                       "phases": phases(shared, seconds), "max_ll_diff": worst,
                                  "argmax_flips": flips, "metrics_equal": same, "metrics": len(metrics)}
         print(f"  chop --mode fast: {seconds:.1f} s, {lm_eval_s / seconds:.1f}x; largest log-likelihood difference "
               f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}", flush=True)
@@ -191,6 +197,8 @@ def main() -> None:
     p.add_argument("--float32_reference", action="store_true", help="also score in float32: which bf16 run is nearer")
     p.add_argument("--fast", action="store_true", help="also time chop eval --mode fast (with --float32_reference: "
                    "its distance from float32 per task against exact bf16's)")
+    p.add_argument("--fast_kernels", default="torch", choices=["torch", "liger"],
+                   help="chop eval --kernels of the fast run (liger: fused RMSNorm, rotary, SwiGLU)")
     p.add_argument("--limit_1b", type=int, default=None, help="documents per task for the 1B model")
     p.add_argument("--only_1b", action="store_true", help="time the 1B model alone (with --model's tokenizer)")
     p.add_argument("--lm_eval_worker", help=argparse.SUPPRESS)  # internal: the lm-eval side, writing JSON here

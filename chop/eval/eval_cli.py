@@ -14,6 +14,7 @@ from jsonargparse import ArgumentParser
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chop.eval.engine import Encoder, Scorer, token_cache
+from chop.models.kernels import Kernels, apply_kernels, check_device, check_kernels
 from chop.eval.suite import evaluate, no_gc, requests_of, table, to_json
 from chop.eval.tasks import get, load_docs
 
@@ -62,18 +63,21 @@ def tokenizer_of(model: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name)
 
 
-def load(model: str, dtype: str, device: str) -> PreTrainedModel:
-    """The model of an HF directory, a hub id (offline copies as everywhere in chop) or a ``.ckpt``, on ``device``;
-    on a GPU after one small forward, which sets up CUDA, cuBLAS and the attention kernels (seconds, the first time)."""
+def load(model: str, dtype: str, device: str, kernels: Kernels = "torch") -> PreTrainedModel:
+    """The model of an HF directory, a hub id (offline copies as everywhere in chop) or a ``.ckpt``, on ``device``,
+    with ``kernels``; on a GPU after one small forward, which sets up CUDA, cuBLAS and the attention kernels (seconds,
+    the first time)."""
     from chop.models.loading import DTYPES, load_model
 
     if model.endswith(".ckpt"):
         from chop.models.checkpoint import model_from_checkpoint
 
         net = model_from_checkpoint(model, "--model")[0].to(DTYPES[dtype])
+        check_kernels(kernels, net.config, "--kernels")  # a checkpoint's model type is known once it is read
     else:
         net = load_model(model, dtype=dtype)
     net = net.to(device).eval()
+    apply_kernels(net, kernels)
     if net.device.type == "cuda":
         with torch.inference_mode():
             net(input_ids=torch.zeros(8, 128, dtype=torch.long, device=net.device), use_cache=False)
@@ -94,10 +98,26 @@ def check_output(output: str) -> None:
         raise PermissionError(f"--output: the folder '{path.parent}' is not writable; choose another file")
 
 
+def check_kernels_for(kernels: str, mode: str, model: str, device: str) -> None:
+    """Refuse, before anything loads, fused kernels in exact mode (they change the bits), off a CUDA GPU, without
+    liger-kernel, or for a model type it has no kernels for (a ``.ckpt``'s type is checked once it is read)."""
+    if kernels == "torch":
+        return
+    if mode != "fast":
+        raise ValueError(f"--kernels: '{kernels}' changes the arithmetic, and --mode exact keeps lm-eval's numbers bit "
+                         f"for bit; use --mode fast with it, or leave --kernels torch")
+    check_device(kernels, torch.device(device), "--kernels")
+    if not model.endswith(".ckpt"):
+        from chop.models.loading import load_config
+
+        check_kernels(kernels, load_config(model), "--kernels")
+
+
 def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
         output: Optional[str] = None, data_dir: Optional[str] = None,
         dtype: Optional[Literal["float32", "bfloat16", "float16", "bf16-mixed"]] = None,
-        device: Optional[str] = None, samples: bool = False, mode: Literal["exact", "fast"] = "exact") -> dict:
+        device: Optional[str] = None, samples: bool = False, mode: Literal["exact", "fast"] = "exact",
+        kernels: Kernels = "torch") -> dict:
     """Evaluate ``model`` on ``tasks``, print lm-eval's table, write JSON to ``output`` (never over a file).
 
     Args:
@@ -115,6 +135,8 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
         mode: exact: one row per request, lm-eval's numbers bit for bit in its dtype; fast: the choices of one context
             in one row (the context scored once: half the tokens of a multiple-choice task), numbers equal to
             lm-eval's only to the dtype's rounding (``chop.eval.agreement`` measures how far, against bf16's own).
+        kernels: torch (the model's own modules) or, with --mode fast on a GPU, liger: liger-kernel's fused RMSNorm,
+            rotary embeddings and SwiGLU (``chop.models.kernels``; fewer passes over memory, other rounding).
     """
     get(tasks)  # an unknown task fails here, before any model loads
     if mode not in ("exact", "fast"):
@@ -127,13 +149,14 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
 
     if dtype not in (*DTYPES, "bf16-mixed"):
         raise ValueError(f"--dtype: '{dtype}' is not one of {[*DTYPES, 'bf16-mixed']}")
+    check_kernels_for(kernels, mode, model, device)
     mixed = dtype == "bf16-mixed"
     clock, start_up = Clock(), since_process_start()
-    tokenizer, chosen = clock.time("load tokenizer", tokenizer_of, model), get(tasks)
-    # this process forks nothing after it: the tokenizer's threads
-    encoder = clock.time("read token cache", Encoder, tokenizer, threads=True, cache_dir=token_cache())
     with no_gc(), ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
-        loading = pool.submit(clock.time, "load model", load, model, "float32" if mixed else dtype, device)
+        loading = pool.submit(clock.time, "load model", load, model, "float32" if mixed else dtype, device, kernels)
+        tokenizer, chosen = clock.time("load tokenizer", tokenizer_of, model), get(tasks)
+        # this process forks nothing after it: the tokenizer's threads
+        encoder = clock.time("read token cache", Encoder, tokenizer, threads=True, cache_dir=token_cache())
         docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)
                                                      for t in chosen if t.kind != "blocks"})
         clock.time("tokenise", encoder.encode_pairs, [r for t in chosen if t.kind in ("multiple_choice", "loglikelihood")
@@ -148,6 +171,7 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     print(table(results))
     print(f"{model}: {seconds:.1f} s end to end ({clock})")
     out = {"model": model, "tasks": tasks, "limit": limit, "dtype": dtype, "device": device, "mode": mode,
+           "kernels": kernels,
            "seconds": seconds, "start_up": start_up,  # process start to the clock: interpreter, imports, arguments
            "phases": clock.phases, **to_json(results, samples), "batch_size_lowered_to": scorer.lowered}
     if output:
