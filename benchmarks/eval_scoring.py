@@ -13,10 +13,10 @@ benchmarks/results/).
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
+from gpu_clock import timed
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -45,13 +45,6 @@ def main() -> None:
     pairs = encoder.encode_pairs(requests)
     encoder.save()
     model = load_model(path, dtype="bfloat16").cuda().eval()
-
-    def timed(fn):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, time.perf_counter() - t0
 
     def kernels_of(scorer) -> tuple[float, list]:
         """GPU busy seconds of one warm pass (its kernels' time), and its 12 costliest operators by the GPU time of

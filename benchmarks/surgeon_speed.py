@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_clock import timed
 
 
 def linear_dims(hidden: int, mlp: int, layers: int, kv: int, heads: int) -> list[tuple[int, int]]:
@@ -73,13 +74,6 @@ def main() -> None:
     batches = [torch.randint(0, 32000, (args.batch, args.seq + 1), device="cuda")
                for _ in range(args.samples // args.batch)]
     layers = linears(model)
-
-    def timed(fn):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, time.perf_counter() - t0
 
     def plain():
         for ids in batches:
