@@ -11,12 +11,12 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from jsonargparse import ArgumentParser
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from chop.eval.engine import Encoder, Scorer, token_cache
-from chop.models.kernels import Kernels, apply_kernels, check_device, check_kernels
 from chop.eval.suite import evaluate, no_gc, requests_of, table, to_json
 from chop.eval.tasks import get, load_docs
+from chop.models.kernels import Kernels, apply_kernels, check_device, check_kernels
 
 
 class Clock:
@@ -49,10 +49,8 @@ def since_process_start() -> Optional[float]:
         return None
 
 
-def tokenizer_of(model: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of an HF directory or hub id, or the one a ``.ckpt`` records."""
-    from chop.models.loading import load_tokenizer
-
+def tokenizer_name(model: str) -> str:
+    """The tokenizer of an HF directory or hub id (itself), or the one a ``.ckpt`` records (refused if none)."""
     name = model
     if model.endswith(".ckpt"):
         from chop.models.checkpoint import read_checkpoint_meta
@@ -60,7 +58,7 @@ def tokenizer_of(model: str) -> PreTrainedTokenizerBase:
         name = read_checkpoint_meta(model, "--model").get("tokenizer")
     if name is None:
         raise ValueError(f"--model: '{model}' records no tokenizer; evaluate its exported HF directory instead")
-    return load_tokenizer(name)
+    return name
 
 
 def load(model: str, dtype: str, device: str, kernels: Kernels = "torch") -> PreTrainedModel:
@@ -145,16 +143,17 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
         check_output(output)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    from chop.models.loading import DTYPES
+    from chop.models.loading import DTYPES, load_tokenizer
 
     if dtype not in (*DTYPES, "bf16-mixed"):
         raise ValueError(f"--dtype: '{dtype}' is not one of {[*DTYPES, 'bf16-mixed']}")
     check_kernels_for(kernels, mode, model, device)
     mixed = dtype == "bf16-mixed"
     clock, start_up = Clock(), since_process_start()
+    tokenizer_dir, chosen = tokenizer_name(model), get(tasks)
     with no_gc(), ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
         loading = pool.submit(clock.time, "load model", load, model, "float32" if mixed else dtype, device, kernels)
-        tokenizer, chosen = clock.time("load tokenizer", tokenizer_of, model), get(tasks)
+        tokenizer = clock.time("load tokenizer", load_tokenizer, tokenizer_dir)
         # this process forks nothing after it: the tokenizer's threads
         encoder = clock.time("read token cache", Encoder, tokenizer, threads=True, cache_dir=token_cache())
         docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)

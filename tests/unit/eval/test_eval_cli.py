@@ -10,7 +10,7 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("loaded before refusing")
 
-    for name in ("load", "tokenizer_of"):
+    for name in ("load", "tokenizer_name"):
         monkeypatch.setattr(eval_cli, name, refuse)
 
 
