@@ -188,6 +188,18 @@ class KillAt(Callback):
             os._exit(3)
 
 
+class NanFrom(Callback):
+    """From step ``step`` on, the input embeddings come out NaN, so the loss and every gradient are not finite: a run
+    that diverged, at a step that does not depend on the kernels (a huge learning rate's first bad step does)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            pl_module.model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out * float("nan"))
+
+
 class RecordSharding(Callback):
     """Writes, per rank, how much of the teacher and the student this rank holds once the strategy has set up."""
 
