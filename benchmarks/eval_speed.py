@@ -131,7 +131,7 @@ def compare(model_dir: str, args, label: str, save: Callable[[dict], None]) -> d
         same = sum(shared["results"][k.split("/")[0]][k.split("/")[1]] == v[1] for k, v in metrics.items())
         out["fast"] = {"kernels": args.fast_kernels, "chop_s": seconds, "speedup": lm_eval_s / seconds,
                        "phases": phases(shared, seconds), "max_ll_diff": worst,
-                                 "argmax_flips": flips, "metrics_equal": same, "metrics": len(metrics)}
+                       "argmax_flips": flips, "metrics_equal": same, "metrics": len(metrics)}
         print(f"  chop --mode fast: {seconds:.1f} s, {lm_eval_s / seconds:.1f}x; largest log-likelihood difference "
               f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}", flush=True)
         save(out)
