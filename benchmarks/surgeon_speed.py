@@ -86,7 +86,7 @@ def main() -> None:
         timed(plain)
     _, fb = timed(plain)
     if args.llama2_7b:
-        return measured_7b(args, model, batches, n_params, fb, timed)
+        return measured_7b(args, model, batches, n_params, fb)
     torch.cuda.reset_peak_memory_stats()
     factors, collect = timed(lambda: kfac.collect(model, layers, batches))
     _, invert = timed(lambda: [f.invert(0.01, 0.01) for f in factors.values()])
@@ -141,7 +141,7 @@ def main() -> None:
                                   if args.blocks_per_pass else {})}, indent=2))
 
 
-def measured_7b(args, model, batches, n_params: int, fb: float, timed) -> None:
+def measured_7b(args, model, batches, n_params: int, fb: float) -> None:
     """Surgeon on the Llama-2-7B shape itself: ``--shots`` shots, ``--blocks_per_pass`` blocks' curvature at a time."""
     from chop.provenance import provenance
     from chop.pruning.surgeon import Surgeon
