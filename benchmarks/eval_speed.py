@@ -233,12 +233,11 @@ def main() -> None:
         from chop.models.loading import load_model
 
         tok = AutoTokenizer.from_pretrained(args.model)
-        with torch.device(args.device):
-            big = load_model(config=dict(model_type="llama", hidden_size=2048, num_hidden_layers=16,
-                                         num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
-                                         vocab_size=len(tok), max_position_embeddings=2048,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-                             dtype="bfloat16")
+        big = load_model(config=dict(model_type="llama", hidden_size=2048, num_hidden_layers=16,
+                                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+                                     vocab_size=len(tok), max_position_embeddings=2048,
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+                         dtype="bfloat16", init_device=args.device)
         n = sum(p.numel() for p in big.parameters())
         folder = str(TMP / "llama_1b")
         big.save_pretrained(folder)

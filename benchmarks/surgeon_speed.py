@@ -64,10 +64,8 @@ def main() -> None:
     cfg = dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
                num_attention_heads=32, num_key_value_heads=args.kv_heads, vocab_size=32000, max_position_embeddings=args.seq)
 
-    def build():
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            return load_model(config=cfg, dtype="bfloat16")
+    def build():  # drawn on the GPU: on the CPU, 7B random weights take minutes of a device call
+        return load_model(config=cfg, dtype="bfloat16", init_device="cuda")
 
     model = build()
     n_params = sum(p.numel() for p in model.parameters())
@@ -152,24 +150,25 @@ def measured_7b(args, model, batches, n_params: int, fb: float) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"provenance": provenance(None, {"tokens": "random ids", "samples": args.samples, "seq": args.seq}),
               "args": vars(args), "params": n_params, "fb_s": fb, "fb_note": "one run, no warm-up before it",
-              "passes": [], "complete": False}
-    passes, began = record["passes"], time.perf_counter()
+              "passes": [], "shots": [], "complete": False}
+    began = time.perf_counter()
 
-    class Passes(logging.Handler):
-        """Each curvature pass as Surgeon logs it, written at once: a run cut off mid-shot still says how long a
-        pass takes (a shot is 32 / blocks_per_pass passes) and how much memory it used."""
+    class Progress(logging.Handler):
+        """Each curvature pass and each finished shot as Surgeon logs them, written at once: a run cut off mid-shot
+        still says how long a pass takes (a shot is 32 / blocks_per_pass passes) and how much memory it used; a
+        shot's end less its last pass's is its selection and updates."""
 
         def emit(self, rec: logging.LogRecord) -> None:
-            if rec.getMessage().startswith("curvature of blocks"):
-                passes.append({"message": rec.getMessage(), "since_start_s": time.perf_counter() - began,
-                               "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
-                print(f"  pass {len(passes)}: {passes[-1]['message']}, {passes[-1]['since_start_s']:.0f} s since the "
-                      f"start, peak {passes[-1]['peak_gib']:.1f} GiB", flush=True)
-                out.write_text(json.dumps(record, indent=2))
+            kind = "passes" if rec.getMessage().startswith("curvature of blocks") else "shots"
+            record[kind].append({"message": rec.getMessage(), "since_start_s": time.perf_counter() - began,
+                                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+            print(f"  {kind[:-1]} {len(record[kind])}: {rec.getMessage()}, {record[kind][-1]['since_start_s']:.0f} s "
+                  f"since the start, peak {record[kind][-1]['peak_gib']:.1f} GiB", flush=True)
+            out.write_text(json.dumps(record, indent=2))
 
-    logger = logging.getLogger("chop.pruning.surgeon")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(Passes())
+    for name in ("chop.pruning.surgeon", "chop.pruning.shots"):
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(Progress())
     surgeon = Surgeon(sparsity=args.sparsity, shots=args.shots, blocks_per_pass=args.blocks_per_pass)
     report, total = timed(lambda: surgeon.prune(model, batches))
     peak = torch.cuda.max_memory_allocated() / 2**30

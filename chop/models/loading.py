@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,13 +50,22 @@ def load_model(
     dtype: str = "float32",
     attn_implementation: Optional[str] = None,
     seed: int = 0,
+    init_device: Optional[str] = None,
 ) -> PreTrainedModel:
     """A causal LM from ``name`` (hub id or directory) or, for tests, random-init from a ``config`` dict.
 
-    ``config`` needs ``model_type``; with ``name`` too, it overrides fields of that model's config.
+    ``config`` needs ``model_type``; with ``name`` too, it overrides fields of that model's config. ``init_device``:
+    draw a random-init model's weights there (seconds on a GPU where the CPU takes minutes at 7B; the values are that
+    device's random numbers, not the CPU's); otherwise it is built on the CPU (``built_on_cpu``).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: '{dtype}' is not one of {list(DTYPES)}")
+    if init_device is not None:
+        if name is not None:
+            raise ValueError("init_device: only for a random-init model (a config without a name); loaded weights "
+                             "are read, not drawn: leave it unset and move the model with .to()")
+        return initialised_on(torch.device(init_device), lambda: _load(None, config, dtype, attn_implementation, seed),
+                              seed)
     return built_on_cpu(lambda: _load(name, config, dtype, attn_implementation, seed))
 
 
@@ -95,6 +105,23 @@ def built_on_cpu(build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
     with torch.device("cpu"):
         model = build()
     return model.to(device)
+
+
+def initialised_on(device: torch.device, build: Callable[[], PreTrainedModel], seed: int) -> PreTrainedModel:
+    """``build()`` (a random init) on the meta device, its tensors made on ``device`` and drawn there by transformers'
+    own ``init_weights``, seeded; the buffers a model derives (RoPE's ``inv_freq``) computed on the CPU, as in
+    ``built_on_cpu``."""
+    with torch.device("meta"):
+        model = build()
+    model.to_empty(device=device)
+    for m in model.modules():  # transformers skips what it marked initialised; nothing on the meta device is
+        m.__dict__.pop("_is_hf_initialized", None)
+        for t in chain(m.parameters(recurse=False), m.buffers(recurse=False)):
+            t.__dict__.pop("_is_hf_initialized", None)
+    with torch.device("cpu"), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.init_weights()
+    return model
 
 
 def _load_per_layer_widths(path: str, config: Any, kwargs: dict) -> PreTrainedModel:

@@ -30,3 +30,34 @@ def test_a_model_built_under_the_gpu_has_the_weights_and_buffers_the_cpu_builds(
         assert got.keys() == want.keys()
         assert all(t.device.type == "cuda" for t in got.values())
         assert [k for k in want if not torch.equal(got[k].cpu(), want[k])] == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_a_random_init_drawn_on_its_device_has_every_weight_drawn_and_the_cpu_buffers(arch):
+    """``init_device`` builds on the meta device and lets transformers draw the weights where they live (benchmarks'
+    7B models: seconds instead of minutes): nothing left as the uninitialised memory ``to_empty`` gives, and the
+    derived buffers (RoPE's frequencies, Gemma's embedding scale) are the CPU build's."""
+    config = TINY[arch]
+    built = load_model(config=config, dtype="bfloat16")
+    drawn = load_model(config=config, dtype="bfloat16", init_device="cpu")
+    assert drawn.dtype == torch.bfloat16
+    assert dict(drawn.named_buffers()).keys() == dict(built.named_buffers()).keys()
+    assert all(torch.equal(b, dict(built.named_buffers())[n]) for n, b in drawn.named_buffers())
+    std = built.config.initializer_range
+    for name, p in drawn.named_parameters():
+        want = dict(built.named_parameters())[name]
+        if "norm" in name:  # ones (zeros for Gemma's 1 + w), as the CPU build
+            assert torch.equal(p, want), name
+        else:
+            assert abs(p.float().std().item() - std) < 0.2 * std, name
+    with pytest.raises(ValueError, match="init_device"):
+        load_model("HuggingFaceTB/SmolLM2-135M-Instruct", init_device="cpu")
+
+
+@pytest.mark.gpu
+def test_a_random_init_drawn_on_the_gpu_keeps_the_cpu_rope_frequencies():
+    """Drawn on the GPU (``init_device``), the weights live there and RoPE's ``inv_freq`` is still the CPU's (the
+    GPU's own differs by an ulp for this shape, as the test above shows)."""
+    model = load_model(config=ROPE, init_device="cuda")
+    assert all(t.device.type == "cuda" for t in model.state_dict().values())
+    assert torch.equal(model.model.rotary_emb.inv_freq.cpu(), load_model(config=ROPE).model.rotary_emb.inv_freq)
