@@ -65,6 +65,7 @@ def main() -> None:
                num_attention_heads=32, num_key_value_heads=args.kv_heads, vocab_size=32000, max_position_embeddings=args.seq)
 
     def build():  # drawn on the GPU: on the CPU, 7B random weights take minutes of a device call
+        torch.manual_seed(0)  # and the calibration batches after it
         return load_model(config=cfg, dtype="bfloat16", init_device="cuda")
 
     model = build()
