@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 from transformers import PreTrainedModel
 
 from chop.eval.engine import Encoder, Scorer, token_cache
-from chop.eval.suite import TaskResult, evaluate, no_gc, requests_of, table, to_json
+from chop.eval.suite import evaluate, no_gc, requests_of, table, to_json
 from chop.eval.tasks import get, load_docs
 from chop.models.kernels import Kernels, apply_kernels, check_device, check_kernels
 
@@ -111,24 +111,6 @@ def check_kernels_for(kernels: str, mode: str, model: str, device: str) -> None:
         check_kernels(kernels, load_config(model), "--kernels")
 
 
-def score_by_task(clock: Clock, encoded: dict[str, Future], names: list[str],
-                  score: Callable[[list[str]], dict[str, TaskResult]]) -> dict[str, TaskResult]:
-    """``score`` each task once its tokens are ready (``encoded``: their futures, in the order they tokenise), then the
-    tasks without requests to tokenise (perplexity, blocks); the clock gets the tokenising done beside the scoring,
-    the waits for it, and the scoring itself."""
-    results, waited, began = {}, 0.0, time.perf_counter()
-    for name in [*encoded, *(n for n in names if n not in encoded)]:
-        if name in encoded:
-            t0 = time.perf_counter()
-            encoded[name].result()
-            waited += time.perf_counter() - t0
-        results.update(score([name]))
-    tokenised = sum(clock.phases.pop(f"tokenise {name}") for name in encoded)
-    clock.phases.update({"tokenise (beside scoring)": tokenised, "wait for tokens": waited,
-                         "score": time.perf_counter() - began - waited})
-    return {name: results[name] for name in names}
-
-
 def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
         output: Optional[str] = None, data_dir: Optional[str] = None,
         dtype: Optional[Literal["float32", "bfloat16", "float16", "bf16-mixed"]] = None,
@@ -169,39 +151,21 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     mixed = dtype == "bf16-mixed"
     clock, start_up = Clock(), since_process_start()
     tokenizer_dir, chosen = tokenizer_name(model), get(tasks)
-    with no_gc(), ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as tokenising:
-        # the model loads while the documents are read and tokenised
+    with no_gc(), ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
         loading = pool.submit(clock.time, "load model", load, model, "float32" if mixed else dtype, device, kernels)
         tokenizer = clock.time("load tokenizer", load_tokenizer, tokenizer_dir)
         # this process forks nothing after it: the tokenizer's threads
         encoder = clock.time("read token cache", Encoder, tokenizer, threads=True, cache_dir=token_cache())
         docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)
                                                      for t in chosen if t.kind != "blocks"})
-        requests = {t.name: [r for doc in docs[t.name] for r in requests_of(t, doc)]
-                    for t in chosen if t.kind in ("multiple_choice", "loglikelihood")}
-        # lm-eval's batches (an integer batch size) are cut from all requests sorted together, so all are tokenised
-        # first. Auto batches give the same numbers however requests are grouped on a GPU (H100, H200 measured), and
-        # there the CPU is free: each task is scored once its own tokens are ready, while the next ones tokenise.
-        by_task = batch_size == "auto" and device.startswith("cuda")
-        if by_task:
-            order = sorted(requests, key=lambda name: len(requests[name]))  # the smallest first: the least waiting
-            encoded = {name: tokenising.submit(clock.time, f"tokenise {name}", encoder.encode_pairs, requests[name])
-                       for name in order}
-        else:
-            clock.time("tokenise", encoder.encode_pairs, [r for rs in requests.values() for r in rs])
-        try:
-            net = loading.result()
-            scorer = Scorer(net, tokenizer, batch_size, share_contexts=mode == "fast", encoder=encoder)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed):
-                if by_task:
-                    results = score_by_task(clock, encoded, [t.name for t in chosen], lambda names: evaluate(
-                        net, tokenizer, names, limit=limit, data_dir=data_dir, scorer=scorer, docs=docs))
-                else:
-                    results = clock.time("score", evaluate, net, tokenizer, tasks, limit=limit, data_dir=data_dir,
-                                         scorer=scorer, docs=docs)
-        finally:  # what was tokenised is kept for the next run, even where scoring failed
-            tokenising.shutdown(cancel_futures=True)
-            encoder.save()
+        clock.time("tokenise", encoder.encode_pairs, [r for t in chosen if t.kind in ("multiple_choice", "loglikelihood")
+                                                      for doc in docs[t.name] for r in requests_of(t, doc)])
+        encoder.save()
+        net = loading.result()
+        scorer = Scorer(net, tokenizer, batch_size, share_contexts=mode == "fast", encoder=encoder)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed):
+            results = clock.time("score", evaluate, net, tokenizer, tasks, limit=limit, data_dir=data_dir,
+                                 scorer=scorer, docs=docs)
     seconds = clock.total()
     print(table(results))
     print(f"{model}: {seconds:.1f} s end to end ({clock})")

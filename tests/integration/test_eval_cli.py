@@ -55,20 +55,3 @@ def test_chop_eval_tokenises_in_threads_even_where_parallelism_is_off(eval_token
     threaded = Encoder(eval_tokenizer, threads=True).encode_pairs(requests)
     assert seen == ["true"] and os.environ["TOKENIZERS_PARALLELISM"] == "false"
     assert Encoder(eval_tokenizer).encode_pairs(requests) == threaded and seen == ["true", "false"]
-
-
-@pytest.mark.gpu
-def test_chop_eval_on_a_gpu_scores_task_by_task_with_the_numbers_of_all_tasks_together():
-    """On a GPU, chop eval scores each task as its tokens come (auto batches, grouped by task): its log-likelihoods
-    are those of the tasks scored in one sorted stream, bit for bit, the stream whose numbers equal lm-eval's."""
-    from helpers import SMOL
-
-    from chop.eval import eval_cli
-    from chop.eval.suite import evaluate
-    from chop.models.loading import load_model, load_tokenizer
-
-    tasks = "copa,piqa,arc_easy,hellaswag"
-    by_task = eval_cli.run(SMOL, tasks=tasks, limit=60, samples=True, device="cuda")
-    assert "wait for tokens" in by_task["phases"]  # it did score task by task
-    together = evaluate(load_model(SMOL, dtype="bfloat16").cuda(), load_tokenizer(SMOL), tasks, limit=60)
-    assert {task: r.samples for task, r in together.items()} == by_task["samples"]
