@@ -160,10 +160,10 @@ def measured_7b(args, model, batches, n_params: int, fb: float) -> None:
         shot's end less its last pass's is its selection and updates."""
 
         def emit(self, rec: logging.LogRecord) -> None:
-            kind = "passes" if rec.getMessage().startswith("curvature of blocks") else "shots"
+            kind, label = ("passes", "pass") if rec.getMessage().startswith("curvature of blocks") else ("shots", "shot")
             record[kind].append({"message": rec.getMessage(), "since_start_s": time.perf_counter() - began,
                                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
-            print(f"  {kind[:-1]} {len(record[kind])}: {rec.getMessage()}, {record[kind][-1]['since_start_s']:.0f} s "
+            print(f"  {label} {len(record[kind])}: {rec.getMessage()}, {record[kind][-1]['since_start_s']:.0f} s "
                   f"since the start, peak {record[kind][-1]['peak_gib']:.1f} GiB", flush=True)
             out.write_text(json.dumps(record, indent=2))
 
