@@ -170,6 +170,13 @@ def compare(model_dir: str, args, label: str, save: Callable[[dict], None]) -> d
     return out
 
 
+def llama_1b(tok) -> dict:
+    """The random-init Llama of about 1B parameters that ``--llama_1b`` scores, with ``tok``'s vocabulary."""
+    return dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, intermediate_size=8192, vocab_size=len(tok), max_position_embeddings=2048,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+
+
 def differ(a: dict, b: dict) -> tuple[float, int]:
     """Largest per-choice log-likelihood difference and the number of documents whose argmax differs."""
     worst, flips = 0.0, 0
@@ -233,11 +240,7 @@ def main() -> None:
         from chop.models.loading import load_model
 
         tok = AutoTokenizer.from_pretrained(args.model)
-        big = load_model(config=dict(model_type="llama", hidden_size=2048, num_hidden_layers=16,
-                                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
-                                     vocab_size=len(tok), max_position_embeddings=2048,
-                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-                         dtype="bfloat16", init_device=args.device)
+        big = load_model(config=llama_1b(tok), dtype="bfloat16", init_device=args.device)
         n = sum(p.numel() for p in big.parameters())
         folder = str(TMP / "llama_1b")
         big.save_pretrained(folder)

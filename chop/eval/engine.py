@@ -225,18 +225,26 @@ class Scorer:
             totals[i] += ll
         return totals
 
-    def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        # A row's stem is the input up to the last context token when contexts are shared (each continuation then
-        # gets a segment holding its tokens but the last, which is only predicted), else the whole input, context
-        # and continuation but its last token, in which every continuation token is predicted.
+    def rows(self, pairs: Sequence[tuple[list[int], list[int]]]
+             ) -> tuple[dict[tuple[int, ...], tuple[tuple[int, ...], list[tuple[int, list[int]]]]],
+                        dict[tuple[int, ...], int]]:
+        """The rows the model runs, by stem: (stem, [(request index, continuation tokens), ...]), and each row's
+        longest context + continuation before truncation (lm-eval's sort key). A row's stem is the input up to the
+        last context token when contexts are shared (each continuation then gets a segment holding its tokens but the
+        last, which is only predicted), else the whole input, context and continuation but its last token, in which
+        every continuation token is predicted."""
         rows: dict[tuple[int, ...], tuple[tuple[int, ...], list[tuple[int, list[int]]]]] = {}
-        total: dict[tuple[int, ...], int] = {}  # a row's longest context + continuation before truncation
+        total: dict[tuple[int, ...], int] = {}
         for i, (ctx, cont) in enumerate(pairs):
             full = (ctx + cont)[-(self.max_len + 1):]  # as lm-eval: at most max_len inputs, cut from the left
             n = min(len(cont), len(full) - 1)
             stem = tuple(full[:len(full) - n] if self.share else full[:-1])
             rows.setdefault(stem, (stem, []))[1].append((i, full[len(full) - n:]))
             total[stem] = max(total.get(stem, 0), len(ctx) + len(cont))
+        return rows, total
+
+    def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        rows, total = self.rows(pairs)
         rank, world = _dist()
         width = {k: self.row_width(*row) for k, row in rows.items()}
         order = sorted(rows, key=lambda k: (-width[k], -total[k], k))  # lm-eval's order: longest first
