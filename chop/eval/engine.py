@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import os
 import pickle
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from itertools import chain
@@ -88,6 +90,10 @@ class Encoder:
             except Exception as e:  # truncated, damaged, foreign: rebuilt (the next save replaces it), never trusted
                 log.warning("token cache %s unreadable (%s): tokenising afresh", self._cache, e)
         self._cached = len(self._pairs)
+        rust = getattr(tokenizer, "backend_tokenizer", None)
+        self._local = rust is not None and splits_locally(rust.to_str())
+        added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
+        self._added = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
 
     def _cache_file(self, cache_dir: Path) -> Optional[Path]:
         """The cache of this tokenizer's pairs: named by a hash of everything that decides its tokens (the fast
@@ -132,15 +138,51 @@ class Encoder:
             if n_spaces:
                 context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
             split.append((context, continuation))
-        texts = sorted({t for c, x in split if c for t in (c, c + x)})
+        done = self._by_tails(split) if self._local else {}
+        texts = sorted({t for c, x in split if c and (c, x) not in done for t in (c, c + x)})
         ids = dict(zip(texts, self._encode_many(texts)))
         for request, (context, continuation) in zip(new, split):
             if not context:
                 self._pairs[request] = ([self.prefix_id], self.encode(continuation))
+            elif (context, continuation) in done:
+                self._pairs[request] = done[context, continuation]
             else:
                 ctx = ids[context]
                 self._pairs[request] = (ctx, ids[context + continuation][len(ctx):])
         return [self._pairs[r] for r in requests]
+
+    def _by_tails(self, split: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[list[int], list[int]]]:
+        """The pairs whose whole encoding can be had without encoding the context twice (``splits_locally``): the
+        context's tokens up to its last pre-token, then the encoding of the rest of context + continuation (a piece
+        starts afresh where the one before it ended). lm-eval encodes the context once alone and once with each
+        continuation; this encodes it once. Pairs holding special tokens' text, or starting with the prefix token,
+        are left to the whole encoding; a sample is checked against it, and a difference turns this off."""
+        rust = self.tokenizer.backend_tokenizer
+        usable = [(c, x) for c, x in split if c and not c.startswith(self._prefix_text)
+                  and not (self._added and self._added.search(c + x))]
+        contexts = sorted({c for c, _ in usable})
+        with _tokenizer_threads() if self.threads else nullcontext():
+            encodings = rust.encode_batch(contexts, add_special_tokens=True)
+        cut: dict[str, tuple[list[int], int, int]] = {}  # context: its tokens, first token and character of its last piece
+        for context, e in zip(contexts, encodings):
+            word = e.token_to_word(len(e.ids) - 1) if e.ids else None
+            if word is not None:  # else it ends in a special token (a template appends one): encoded whole
+                cut[context] = (e.ids, e.word_to_tokens(word)[0], e.word_to_chars(word)[0])
+        usable = [(c, x) for c, x in usable if c in cut]
+        tails = sorted({(c + x)[cut[c][2]:] for c, x in usable})
+        with _tokenizer_threads() if self.threads else nullcontext():
+            tail_ids = dict(zip(tails, (e.ids for e in rust.encode_batch(tails, add_special_tokens=False))))
+        whole = {}  # context + continuation's tokens
+        for c, x in usable:
+            ids, first, char = cut[c]
+            whole[c, x] = ids[:first] + tail_ids[(c + x)[char:]]
+        sample = usable[::max(1, -(-len(usable) // 64))]  # at most 64 pairs
+        if any(whole[pair] != w for pair, w in zip(sample, self._encode_many([c + x for c, x in sample]))):
+            log.warning("tokenizer %s: encoding each context once gave other tokens than encoding it with its "
+                        "continuation; encoding every pair whole from now on", type(self.tokenizer).__name__)
+            self._local = False
+            return {}
+        return {(c, x): (cut[c][0], whole[c, x][len(cut[c][0]):]) for c, x in usable}  # lm-eval's split of the two
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         plain = [t for t in texts if not t.startswith(self._prefix_text)]
@@ -152,6 +194,34 @@ class Encoder:
             ids = self.tokenizer(plain)["input_ids"] if plain else []
         encoded = dict(zip(plain, ids))
         return [encoded[t] if t in encoded else self.encode(t) for t in texts]
+
+
+# What would make a piece's tokens depend on the text before it: lookbehind, anchors, word boundaries.
+_CONTEXT_SENSITIVE = re.compile(r"\(\?<[=!]|\\[bBGAzZ]|(?<![\[\\])\^|(?<!\\)\$")
+
+
+def splits_locally(definition: str) -> bool:
+    """Whether a fast tokenizer (its JSON ``definition``) encodes text as a sequence of pieces, each encoded alone and
+    each found from where the one before it ended: no normaliser, byte-level BPE without dropout, and a pre-tokenizer
+    of regular expressions without lookbehind or anchors (GPT-2's, Llama 3's, Qwen's, SmolLM's). Then the tokens of
+    context + continuation are the context's up to its last piece and the encoding of the rest."""
+    spec = json.loads(definition)
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if spec.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout"):
+        return False
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "ByteLevel":
+            if step.get("add_prefix_space"):
+                return False
+        elif step.get("type") == "Split":
+            pattern = (step.get("pattern") or {}).get("Regex")
+            if (pattern is None or step.get("behavior") != "Isolated" or step.get("invert")
+                    or _CONTEXT_SENSITIVE.search(pattern)):
+                return False
+        else:
+            return False
+    return any(step.get("type") == "ByteLevel" for step in steps)
 
 
 @contextmanager

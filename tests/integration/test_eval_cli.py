@@ -50,8 +50,12 @@ def test_chop_eval_tokenises_in_threads_even_where_parallelism_is_off(eval_token
             seen.append(os.environ["TOKENIZERS_PARALLELISM"])
             return rust.encode_batch(texts, **kwargs)
 
+        def to_str(self):
+            return rust.to_str()
+
     monkeypatch.setattr(type(eval_tokenizer), "backend_tokenizer", property(lambda self: Spy()))
     requests = [("The cat sat on the", " mat"), ("Paris is in", " France"), ("", " hello")]
     threaded = Encoder(eval_tokenizer, threads=True).encode_pairs(requests)
-    assert seen == ["true"] and os.environ["TOKENIZERS_PARALLELISM"] == "false"
-    assert Encoder(eval_tokenizer).encode_pairs(requests) == threaded and seen == ["true", "false"]
+    assert seen and set(seen) == {"true"} and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    n = len(seen)
+    assert Encoder(eval_tokenizer).encode_pairs(requests) == threaded and set(seen[n:]) == {"false"}

@@ -206,3 +206,84 @@ def test_encoded_requests_are_cached_on_disk_per_tokenizer(eval_tokenizer, tmp_p
     other = Encoder(eval_tokenizer, cache_dir=tmp_path)
     other.prefix_id = -1  # what decides the tokens differs: another file
     assert other._cache_file(tmp_path) != third._cache_file(tmp_path)
+
+
+# Boundaries where a tokenizer's pieces could run from the context into the continuation.
+TRICKY = [("The year was 19", "99"), ("Answer:", " 12345"), ("Call 555", "1234 now"), ("He said hello", "world"),
+          ("Question: what is it?\nAnswer:", " yes"), ("It is", "n't"), ("I", "'m here"), ("Price: $", "5.00"),
+          ("Line one\n", "\nLine two"), ("Naïve café", " crème brûlée"), ("emoji 🙂", "🙂 more"),
+          ("Trailing spaces   ", "x"), ("tabs\t", "\tand"), ("A text with <|endoftext|> inside", " ok"),
+          ("<|endoftext|>starts with the prefix", " ok"), ("", " no context")]
+
+
+def test_each_context_is_encoded_once_and_the_pairs_are_those_of_encoding_each_whole(eval_tokenizer, monkeypatch):
+    """SmolLM2's byte-level BPE encodes text piece by piece, so the Encoder encodes each context once and then the
+    rest of context + continuation from the context's last piece on: the tokens are those of encoding every pair
+    whole, lm-eval's way, at tricky boundaries and on every task's real rows."""
+    from chop.eval.engine import Encoder
+
+    pairs = TRICKY + all_requests()
+    whole = Encoder(eval_tokenizer)
+    whole._local = False
+    want = whole.encode_pairs(pairs)
+    by_tails = Encoder(eval_tokenizer)
+    assert by_tails._local
+    encoded_whole = []
+    real = by_tails._encode_many
+    monkeypatch.setattr(by_tails, "_encode_many", lambda texts: encoded_whole.extend(texts) or real(texts))
+    assert by_tails.encode_pairs(pairs) == want
+    # encoded whole: the checked sample (64 pairs) and the three pairs with a special token's text (context and
+    # context + continuation each); the other 150-odd pairs' texts would be twice as many again
+    assert len(encoded_whole) <= 64 + 2 * 3
+
+
+def _bpe(pre_tokenizer, normalizer=None, dropout=None):
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(dropout=dropout, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.normalizer = pre_tokenizer, normalizer
+    text = [" ".join(f"word{i} {i * 7} and the café's thing" for i in range(j, j + 20)) for j in range(50)]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+def test_tokenizers_whose_pieces_depend_on_the_text_before_them_encode_each_pair_whole():
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from chop.eval.engine import Encoder, splits_locally
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert Encoder(_bpe(byte_level))._local
+    split = pre_tokenizers.Split(Regex(r" ?\p{L}+| ?\p{N}{1,3}"), "isolated")  # Llama 3's kind
+    assert Encoder(_bpe(pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                 use_regex=False)])))._local
+    refused = {
+        "a normaliser": _bpe(byte_level, normalizers.NFKC()),
+        "a prefix space": _bpe(pre_tokenizers.ByteLevel(add_prefix_space=True)),
+        "lookbehind": _bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"(?<=\d)\s"), "isolated"),
+                                                     pre_tokenizers.ByteLevel(use_regex=False)])),
+        "an anchor": _bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"^\s+|\w+"), "isolated"),
+                                                    pre_tokenizers.ByteLevel(use_regex=False)])),
+        "SentencePiece's metaspace": _bpe(pre_tokenizers.Metaspace()),
+        "BPE dropout": _bpe(byte_level, dropout=0.1),
+    }
+    assert [k for k, tok in refused.items() if splits_locally(tok.backend_tokenizer.to_str())] == []
+
+
+def test_a_tokenizer_that_does_not_split_locally_after_all_is_caught_by_the_sample_and_encoded_whole(caplog):
+    """The sample check: a byte-level tokenizer that puts a space before every text (so before the rest of a pair
+    after its context's last piece, here ','), made to take the shortcut, gives other tokens; the Encoder notices,
+    says so, and encodes every pair whole."""
+    from tokenizers import pre_tokenizers
+
+    from chop.eval.engine import Encoder
+
+    tok = _bpe(pre_tokenizers.ByteLevel(add_prefix_space=True))
+    pairs = [(f"word{i} and {i * 7},", f" the café's thing {i}") for i in range(200)]
+    whole = Encoder(tok)
+    assert not whole._local
+    forced = Encoder(tok)
+    forced._local = True
+    assert forced.encode_pairs(pairs) == whole.encode_pairs(pairs)
+    assert "encoding every pair whole" in caplog.text and not forced._local
