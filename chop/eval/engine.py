@@ -172,17 +172,17 @@ class Encoder:
         tails = sorted({(c + x)[cut[c][2]:] for c, x in usable})
         with _tokenizer_threads() if self.threads else nullcontext():
             tail_ids = dict(zip(tails, (e.ids for e in rust.encode_batch(tails, add_special_tokens=False))))
-        whole = {}  # context + continuation's tokens
-        for c, x in usable:
-            ids, first, char = cut[c]
-            whole[c, x] = ids[:first] + tail_ids[(c + x)[char:]]
+        # lm-eval's continuation: the whole encoding past the context's own tokens, i.e. the tail's past the
+        # context's tokens from its last piece on
+        done = {(c, x): (cut[c][0], tail_ids[(c + x)[cut[c][2]:]][len(cut[c][0]) - cut[c][1]:]) for c, x in usable}
         sample = usable[::max(1, -(-len(usable) // 64))]  # at most 64 pairs
-        if any(whole[pair] != w for pair, w in zip(sample, self._encode_many([c + x for c, x in sample]))):
+        if any(cut[c][0][:cut[c][1]] + tail_ids[(c + x)[cut[c][2]:]] != w
+               for (c, x), w in zip(sample, self._encode_many([c + x for c, x in sample]))):
             log.warning("tokenizer %s: encoding each context once gave other tokens than encoding it with its "
                         "continuation; encoding every pair whole from now on", type(self.tokenizer).__name__)
             self._local = False
             return {}
-        return {(c, x): (cut[c][0], whole[c, x][len(cut[c][0]):]) for c, x in usable}  # lm-eval's split of the two
+        return done
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         plain = [t for t in texts if not t.startswith(self._prefix_text)]
