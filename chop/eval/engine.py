@@ -163,11 +163,18 @@ class Encoder:
         contexts = sorted({c for c, _ in usable})
         with _tokenizer_threads() if self.threads else nullcontext():
             encodings = rust.encode_batch(contexts, add_special_tokens=True)
-        cut: dict[str, tuple[list[int], int, int]] = {}  # context: its tokens, first token and character of its last piece
+        firsts = {}  # context: its tokens and the first token of its last piece
         for context, e in zip(contexts, encodings):
             word = e.token_to_word(len(e.ids) - 1) if e.ids else None
             if word is not None:  # else it ends in a special token (a template appends one): encoded whole
-                cut[context] = (e.ids, e.word_to_tokens(word)[0], e.word_to_chars(word)[0])
+                firsts[context] = (e.ids, e.word_to_tokens(word)[0])
+        # Where the last piece starts: the length of the text the tokens before it decode to (the encodings' character
+        # offsets will not do: a byte-level post-processor trims the piece's leading space from them), if it is the
+        # context's own beginning (it is, for a byte-level BPE).
+        with _tokenizer_threads() if self.threads else nullcontext():
+            before = rust.decode_batch([ids[:first] for ids, first in firsts.values()], skip_special_tokens=True)
+        cut = {c: (ids, first, len(text)) for (c, (ids, first)), text in zip(firsts.items(), before)
+               if c.startswith(text)}  # context: its tokens, first token and character of its last piece
         usable = [(c, x) for c, x in usable if c in cut]
         tails = sorted({(c + x)[cut[c][2]:] for c, x in usable})
         with _tokenizer_threads() if self.threads else nullcontext():

@@ -237,13 +237,34 @@ def test_each_context_is_encoded_once_and_the_pairs_are_those_of_encoding_each_w
     assert len(encoded_whole) <= 64 + 2 * 3
 
 
+def test_the_shortcut_holds_where_a_post_processor_trims_the_offsets(caplog):
+    """A byte-level post-processor that trims offsets (RoBERTa's kind; a converted SmolLM2 may carry one) leaves the
+    leading space out of a piece's characters; the Encoder finds where the last piece starts from the text before it
+    instead, and still takes the shortcut with lm-eval's tokens."""
+    from helpers import SMOL
+    from tokenizers import processors
+
+    from chop.eval.engine import Encoder
+    from chop.models.loading import load_tokenizer
+
+    tok = load_tokenizer(SMOL)
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    assert tok.backend_tokenizer.encode("He said hello").offsets[2] == (8, 13)  # ' hello' without its space
+    pairs = TRICKY + all_requests()
+    whole = Encoder(tok)
+    whole._local = False
+    by_tails = Encoder(tok)
+    assert by_tails.encode_pairs(pairs) == whole.encode_pairs(pairs)
+    assert by_tails._local and "whole" not in caplog.text
+
+
 def _bpe(pre_tokenizer, normalizer=None, dropout=None):
-    from tokenizers import Tokenizer, models, trainers
+    from tokenizers import Tokenizer, decoders, models, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(dropout=dropout, unk_token="<unk>"))
-    tok.pre_tokenizer, tok.normalizer = pre_tokenizer, normalizer
-    text = [" ".join(f"word{i} {i * 7} and the café's thing" for i in range(j, j + 20)) for j in range(50)]
+    tok.pre_tokenizer, tok.normalizer, tok.decoder = pre_tokenizer, normalizer, decoders.ByteLevel()
+    text = [" ".join(f"word{i} {i * 7}, thing and the café's thing" for i in range(j, j + 20)) for j in range(50)]
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
 
@@ -272,15 +293,16 @@ def test_tokenizers_whose_pieces_depend_on_the_text_before_them_encode_each_pair
 
 
 def test_a_tokenizer_that_does_not_split_locally_after_all_is_caught_by_the_sample_and_encoded_whole(caplog):
-    """The sample check: a byte-level tokenizer that puts a space before every text (so before the rest of a pair
-    after its context's last piece, here ','), made to take the shortcut, gives other tokens; the Encoder notices,
+    """The sample check: a pre-tokenizer whose rule looks behind a piece's start (a word takes its space only after
+    "x,"), made to take the shortcut, splits the rest of a pair otherwise than the whole text; the Encoder notices,
     says so, and encodes every pair whole."""
-    from tokenizers import pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
 
     from chop.eval.engine import Encoder
 
-    tok = _bpe(pre_tokenizers.ByteLevel(add_prefix_space=True))
-    pairs = [(f"word{i} and {i * 7},", f" the café's thing {i}") for i in range(200)]
+    rule = pre_tokenizers.Split(Regex(r"(?<=\w,) ?\w+|\w+|[^\w\s]|\s+"), "isolated")
+    tok = _bpe(pre_tokenizers.Sequence([rule, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    pairs = [(f"word{i} and {i * 7},", f" thing {i}") for i in range(200)]
     whole = Encoder(tok)
     assert not whole._local
     forced = Encoder(tok)
