@@ -153,7 +153,7 @@ class Encoder:
 
     def _by_tails(self, split: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[list[int], list[int]]]:
         """The pairs whose whole encoding can be had without encoding the context twice (``splits_locally``): the
-        context's tokens up to its last pre-token, then the encoding of the rest of context + continuation (a piece
+        context's tokens up to its last piece, then the encoding of the rest of context + continuation (a piece
         starts afresh where the one before it ended). lm-eval encodes the context once alone and once with each
         continuation; this encodes it once. Pairs holding special tokens' text, or starting with the prefix token,
         are left to the whole encoding; a sample is checked against it, and a difference turns this off."""

@@ -50,6 +50,10 @@ def test_chop_eval_tokenises_in_threads_even_where_parallelism_is_off(eval_token
             seen.append(os.environ["TOKENIZERS_PARALLELISM"])
             return rust.encode_batch(texts, **kwargs)
 
+        def decode_batch(self, ids, **kwargs):
+            seen.append(os.environ["TOKENIZERS_PARALLELISM"])
+            return rust.decode_batch(ids, **kwargs)
+
         def to_str(self):
             return rust.to_str()
 
