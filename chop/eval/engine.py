@@ -71,10 +71,12 @@ class Encoder:
     set to silence the warning after a fork) would make them serial; for a process that forks no workers afterwards
     (``chop eval``), where it costs half the tokenisation time on 2 cores and more on more. ``cache_dir``: keep the
     encoded pairs on disk between processes, one file per tokenizer (``save``); a pickle chop itself wrote, in chop's
-    home (``chop.assets.home()/cache/tokens``)."""
+    home (``chop.assets.home()/cache/tokens``). ``shortcut``: encode each context once, and only the rest of context +
+    continuation with each continuation, where the tokenizer allows it (``splits_locally``; the same tokens); False:
+    every pair whole, as lm-eval. ``self.shortcut`` says whether it is taken (a failed sample check turns it off)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, threads: bool = False,
-                 cache_dir: Optional[Path] = None) -> None:
+                 cache_dir: Optional[Path] = None, shortcut: bool = True) -> None:
         self.tokenizer, self.threads = tokenizer, threads
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._prefix_text = tokenizer.decode(self.prefix_id)
@@ -91,7 +93,7 @@ class Encoder:
                 log.warning("token cache %s unreadable (%s): tokenising afresh", self._cache, e)
         self._cached = len(self._pairs)
         rust = getattr(tokenizer, "backend_tokenizer", None)
-        self._local = rust is not None and splits_locally(rust.to_str())
+        self.shortcut = shortcut and rust is not None and splits_locally(rust.to_str())
         added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
         self._added = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
 
@@ -138,7 +140,7 @@ class Encoder:
             if n_spaces:
                 context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
             split.append((context, continuation))
-        done = self._by_tails(split) if self._local else {}
+        done = self._by_tails(split) if self.shortcut else {}
         texts = sorted({t for c, x in split if c and (c, x) not in done for t in (c, c + x)})
         ids = dict(zip(texts, self._encode_many(texts)))
         for request, (context, continuation) in zip(new, split):
@@ -187,7 +189,7 @@ class Encoder:
                for (c, x), w in zip(sample, self._encode_many([c + x for c, x in sample]))):
             log.warning("tokenizer %s: encoding each context once gave other tokens than encoding it with its "
                         "continuation; encoding every pair whole from now on", type(self.tokenizer).__name__)
-            self._local = False
+            self.shortcut = False
             return {}
         return done
 

@@ -223,11 +223,10 @@ def test_each_context_is_encoded_once_and_the_pairs_are_those_of_encoding_each_w
     from chop.eval.engine import Encoder
 
     pairs = TRICKY + all_requests()
-    whole = Encoder(eval_tokenizer)
-    whole._local = False
+    whole = Encoder(eval_tokenizer, shortcut=False)
     want = whole.encode_pairs(pairs)
     by_tails = Encoder(eval_tokenizer)
-    assert by_tails._local
+    assert by_tails.shortcut
     encoded_whole = []
     real = by_tails._encode_many
     monkeypatch.setattr(by_tails, "_encode_many", lambda texts: encoded_whole.extend(texts) or real(texts))
@@ -251,11 +250,10 @@ def test_the_shortcut_holds_where_a_post_processor_trims_the_offsets(caplog):
     tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
     assert tok.backend_tokenizer.encode("He said hello").offsets[2] == (8, 13)  # ' hello' without its space
     pairs = TRICKY + all_requests()
-    whole = Encoder(tok)
-    whole._local = False
+    whole = Encoder(tok, shortcut=False)
     by_tails = Encoder(tok)
     assert by_tails.encode_pairs(pairs) == whole.encode_pairs(pairs)
-    assert by_tails._local and "whole" not in caplog.text
+    assert by_tails.shortcut and "whole" not in caplog.text
 
 
 def _bpe(pre_tokenizer, normalizer=None, dropout=None):
@@ -275,17 +273,19 @@ def test_tokenizers_whose_pieces_depend_on_the_text_before_them_encode_each_pair
     from chop.eval.engine import Encoder, splits_locally
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    assert Encoder(_bpe(byte_level))._local
-    split = pre_tokenizers.Split(Regex(r" ?\p{L}+| ?\p{N}{1,3}"), "isolated")  # Llama 3's kind
-    assert Encoder(_bpe(pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                 use_regex=False)])))._local
+    bytes_only = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # after a Split of one's own
+
+    def split_by(pattern):
+        return _bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"), bytes_only]))
+
+    assert Encoder(_bpe(byte_level)).shortcut
+    assert Encoder(split_by(r" ?\p{L}+| ?\p{N}{1,3}|[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")).shortcut  # Llama 3's kind
     refused = {
         "a normaliser": _bpe(byte_level, normalizers.NFKC()),
         "a prefix space": _bpe(pre_tokenizers.ByteLevel(add_prefix_space=True)),
-        "lookbehind": _bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"(?<=\d)\s"), "isolated"),
-                                                     pre_tokenizers.ByteLevel(use_regex=False)])),
-        "an anchor": _bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"^\s+|\w+"), "isolated"),
-                                                    pre_tokenizers.ByteLevel(use_regex=False)])),
+        "lookbehind": split_by(r"(?<=\d)\s|\w+"),
+        "an anchor": split_by(r"^\s+|\w+"),
+        "a word boundary": split_by(r"\b\w+"),
         "SentencePiece's metaspace": _bpe(pre_tokenizers.Metaspace()),
         "BPE dropout": _bpe(byte_level, dropout=0.1),
     }
@@ -304,8 +304,8 @@ def test_a_tokenizer_that_does_not_split_locally_after_all_is_caught_by_the_samp
     tok = _bpe(pre_tokenizers.Sequence([rule, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
     pairs = [(f"word{i} and {i * 7},", f" thing {i}") for i in range(200)]
     whole = Encoder(tok)
-    assert not whole._local
+    assert not whole.shortcut
     forced = Encoder(tok)
-    forced._local = True
+    forced.shortcut = True  # as if the tokenizer had passed splits_locally
     assert forced.encode_pairs(pairs) == whole.encode_pairs(pairs)
-    assert "encoding every pair whole" in caplog.text and not forced._local
+    assert "encoding every pair whole" in caplog.text and not forced.shortcut
