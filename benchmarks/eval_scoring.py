@@ -29,7 +29,7 @@ def main() -> None:
     args = p.parse_args()
 
     from chop.eval.engine import Encoder, Scorer, token_cache
-    from chop.eval.suite import requests_of
+    from chop.eval.suite import scored_pairs
     from chop.eval.tasks import get, load_docs
     from chop.models.kernels import apply_kernels
     from chop.models.loading import load_model, load_tokenizer, resolve
@@ -40,8 +40,7 @@ def main() -> None:
     path = resolve(args.model)
     tokenizer = load_tokenizer(path)
     encoder = Encoder(tokenizer, threads=True, cache_dir=token_cache())
-    requests = [r for t in get(args.tasks) if t.kind in ("multiple_choice", "loglikelihood")
-                for doc in load_docs(t, None, args.limit) for r in requests_of(t, doc)]
+    requests = scored_pairs(get(args.tasks), lambda t: load_docs(t, None, args.limit))
     pairs = encoder.encode_pairs(requests)
     encoder.save()
     model = load_model(path, dtype="bfloat16").cuda().eval()

@@ -57,7 +57,7 @@ def main() -> None:
     from eval_speed import llama_1b
 
     from chop.eval.engine import Encoder, token_cache
-    from chop.eval.suite import requests_of
+    from chop.eval.suite import scored_pairs
     from chop.eval.tasks import get, load_docs
     from chop.models.loading import load_tokenizer, resolve
     from chop.provenance import provenance
@@ -67,8 +67,7 @@ def main() -> None:
               else AutoConfig.from_pretrained(resolve(args.model)))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    tasks = [t for t in get(args.tasks) if t.kind in ("multiple_choice", "loglikelihood")]
-    requests = [r for t in tasks for doc in load_docs(t, None, None) for r in requests_of(t, doc)]
+    requests = scored_pairs(get(args.tasks), lambda t: load_docs(t, None, None))
     encoder = Encoder(tokenizer, threads=True, cache_dir=token_cache())
     pairs = encoder.encode_pairs(requests)
     encoder.save()

@@ -25,14 +25,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     from chop.eval.engine import Encoder
-    from chop.eval.suite import requests_of
+    from chop.eval.suite import scored_pairs
     from chop.eval.tasks import get, load_docs
     from chop.models.loading import load_tokenizer
     from chop.provenance import provenance
 
     tokenizer = load_tokenizer(args.model)
-    requests = [r for t in get(args.tasks) if t.kind in ("multiple_choice", "loglikelihood")
-                for doc in load_docs(t, None, None) for r in requests_of(t, doc)]
+    requests = scored_pairs(get(args.tasks), lambda t: load_docs(t, None, None))
     times: dict[str, list[float]] = {"whole": [], "shortcut": []}
     pairs = {}
     for _ in range(args.repeats):

@@ -80,6 +80,8 @@ class Encoder:
         self.tokenizer, self.threads = tokenizer, threads
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._prefix_text = tokenizer.decode(self.prefix_id)
+        rust = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust core: its JSON definition
+        self._definition = rust.to_str() if rust is not None else None
         self._pairs: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         self._cache = self._cache_file(cache_dir) if cache_dir is not None else None
         if self._cache is not None and self._cache.exists():
@@ -92,18 +94,16 @@ class Encoder:
             except Exception as e:  # truncated, damaged, foreign: rebuilt (the next save replaces it), never trusted
                 log.warning("token cache %s unreadable (%s): tokenising afresh", self._cache, e)
         self._cached = len(self._pairs)
-        rust = getattr(tokenizer, "backend_tokenizer", None)
-        self.shortcut = shortcut and rust is not None and splits_locally(rust.to_str())
+        self.shortcut = shortcut and self._definition is not None and splits_locally(self._definition)
         added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
         self._added = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
 
     def _cache_file(self, cache_dir: Path) -> Optional[Path]:
         """The cache of this tokenizer's pairs: named by a hash of everything that decides its tokens (the fast
         tokenizer's whole definition and the prefix token); None for a tokenizer without one (slow tokenizers)."""
-        rust = getattr(self.tokenizer, "backend_tokenizer", None)
-        if rust is None:
+        if self._definition is None:
             return None
-        key = hashlib.sha256(f"{CACHE_VERSION}\0{type(self.tokenizer).__name__}\0{self.prefix_id}\0{rust.to_str()}"
+        key = hashlib.sha256(f"{CACHE_VERSION}\0{type(self.tokenizer).__name__}\0{self.prefix_id}\0{self._definition}"
                              .encode())
         return Path(cache_dir) / f"{key.hexdigest()[:32]}.pkl"
 
@@ -163,7 +163,7 @@ class Encoder:
         usable = [(c, x) for c, x in split if c and not c.startswith(self._prefix_text)
                   and not (self._added and self._added.search(c + x))]
         contexts = sorted({c for c, _ in usable})
-        with _tokenizer_threads() if self.threads else nullcontext():
+        with self._in_threads():
             encodings = rust.encode_batch(contexts, add_special_tokens=True)
         firsts = {}  # context: its tokens and the first token of its last piece
         for context, e in zip(contexts, encodings):
@@ -173,19 +173,19 @@ class Encoder:
         # Where the last piece starts: the length of the text the tokens before it decode to (the encodings' character
         # offsets will not do: a byte-level post-processor trims the piece's leading space from them), if it is the
         # context's own beginning (it is, for a byte-level BPE).
-        with _tokenizer_threads() if self.threads else nullcontext():
+        with self._in_threads():
             before = rust.decode_batch([ids[:first] for ids, first in firsts.values()], skip_special_tokens=True)
         cut = {c: (ids, first, len(text)) for (c, (ids, first)), text in zip(firsts.items(), before)
                if c.startswith(text)}  # context: its tokens, first token and character of its last piece
-        usable = [(c, x) for c, x in usable if c in cut]
-        tails = sorted({(c + x)[cut[c][2]:] for c, x in usable})
-        with _tokenizer_threads() if self.threads else nullcontext():
-            tail_ids = dict(zip(tails, (e.ids for e in rust.encode_batch(tails, add_special_tokens=False))))
+        tail = {(c, x): (c + x)[cut[c][2]:] for c, x in usable if c in cut}  # from the context's last piece on
+        texts = sorted(set(tail.values()))
+        with self._in_threads():
+            tail_ids = dict(zip(texts, (e.ids for e in rust.encode_batch(texts, add_special_tokens=False))))
         # lm-eval's continuation: the whole encoding past the context's own tokens, i.e. the tail's past the
         # context's tokens from its last piece on
-        done = {(c, x): (cut[c][0], tail_ids[(c + x)[cut[c][2]:]][len(cut[c][0]) - cut[c][1]:]) for c, x in usable}
-        sample = usable[::max(1, -(-len(usable) // 64))]  # at most 64 pairs
-        if any(cut[c][0][:cut[c][1]] + tail_ids[(c + x)[cut[c][2]:]] != w
+        done = {(c, x): (cut[c][0], tail_ids[t][len(cut[c][0]) - cut[c][1]:]) for (c, x), t in tail.items()}
+        sample = list(tail)[::max(1, -(-len(tail) // 64))]  # at most 64 pairs
+        if any(cut[c][0][:cut[c][1]] + tail_ids[tail[c, x]] != w
                for (c, x), w in zip(sample, self._encode_many([c + x for c, x in sample]))):
             log.warning("tokenizer %s: encoding each context once gave other tokens than encoding it with its "
                         "continuation; encoding every pair whole from now on", type(self.tokenizer).__name__)
@@ -193,12 +193,15 @@ class Encoder:
             return {}
         return done
 
+    def _in_threads(self) -> Any:
+        """The context a batch call runs in: the tokenizer's threads on when ``threads``, else the environment's."""
+        return _tokenizer_threads() if self.threads else nullcontext()
+
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         plain = [t for t in texts if not t.startswith(self._prefix_text)]
-        rust = getattr(self.tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its Rust core, in threads
-        if rust is not None:
-            with _tokenizer_threads() if self.threads else nullcontext():
-                ids = [e.ids for e in rust.encode_batch(plain, add_special_tokens=True)]
+        if self._definition is not None:  # a fast tokenizer: its Rust core, in threads
+            with self._in_threads():
+                ids = [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(plain, add_special_tokens=True)]
         else:
             ids = self.tokenizer(plain)["input_ids"] if plain else []
         encoded = dict(zip(plain, ids))

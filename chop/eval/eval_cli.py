@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 from transformers import PreTrainedModel
 
 from chop.eval.engine import Encoder, Scorer, token_cache
-from chop.eval.suite import evaluate, no_gc, requests_of, table, to_json
+from chop.eval.suite import evaluate, no_gc, scored_pairs, table, to_json
 from chop.eval.tasks import get, load_docs
 from chop.models.kernels import Kernels, apply_kernels, check_device, check_kernels
 
@@ -158,8 +158,7 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
         encoder = clock.time("read token cache", Encoder, tokenizer, threads=True, cache_dir=token_cache())
         docs = clock.time("read documents", lambda: {t.name: load_docs(t, data_dir, limit)
                                                      for t in chosen if t.kind != "blocks"})
-        clock.time("tokenise", encoder.encode_pairs, [r for t in chosen if t.kind in ("multiple_choice", "loglikelihood")
-                                                      for doc in docs[t.name] for r in requests_of(t, doc)])
+        clock.time("tokenise", encoder.encode_pairs, scored_pairs(chosen, lambda t: docs[t.name]))
         encoder.save()
         net = loading.result()
         scorer = Scorer(net, tokenizer, batch_size, share_contexts=mode == "fast", encoder=encoder)

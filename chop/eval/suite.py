@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -36,6 +36,13 @@ def requests_of(task: Task, doc: Doc) -> list[tuple[str, str]]:
     if task.multiple_input:
         return [(prefix + ctx, task.target_delimiter + task.target(doc)) for ctx in task.choices(doc)]
     return [(prefix + task.text(doc), task.target_delimiter + choice) for choice in task.choices(doc)]
+
+
+def scored_pairs(tasks: list[Task], docs_of: Callable[[Task], list[Doc]]) -> list[tuple[str, str]]:
+    """Every (context, continuation) pair the tasks ask to score, from each task's documents (``docs_of``): what
+    tokenising a suite means (perplexity and block tasks make none)."""
+    return [r for t in tasks if t.kind in ("multiple_choice", "loglikelihood") for doc in docs_of(t)
+            for r in requests_of(t, doc)]
 
 
 @contextmanager

@@ -10,19 +10,13 @@ import torch.nn.functional as F
 from helpers import EVAL_FIX, TINY
 
 from chop.eval.engine import Scorer, rolling_windows
-from chop.eval.suite import evaluate, requests_of
+from chop.eval.suite import evaluate, requests_of, scored_pairs
 from chop.eval.tasks import TASKS, load_docs
 from chop.models.loading import load_model
 
 
 def all_requests():
-    out = []
-    for task in TASKS.values():
-        if task.kind in ("perplexity", "blocks"):
-            continue
-        for doc in load_docs(task, str(EVAL_FIX)):
-            out += requests_of(task, doc)
-    return out
+    return scored_pairs(list(TASKS.values()), lambda task: load_docs(task, str(EVAL_FIX)))
 
 
 def reference(eval_model, scorer, context, continuation):
