@@ -14,13 +14,16 @@ liger-kernel's fused kernels, their Triton compilation done in the warm-up), and
 reports per task its |Δ log-likelihood| from float32 against exact bf16's (``chop.eval.agreement``). ``--float32_reference`` scores once
 more in float32 and says how far each bf16 run is from it; more than one ``--lm_eval_batch`` reruns lm-eval at those
 batch sizes and says whether its own numbers change. ``--llama_1b`` adds a random-init Llama of about 1B parameters
-(hidden 2048, 16 layers, MLP 8192, the model's tokenizer), the compute-bound case (``--only_1b``: that alone). Prints a table and writes
+(hidden 2048, 16 layers, MLP 8192, the model's tokenizer), the compute-bound case (``--only_1b``: that alone).
+``--token_cache cold`` starts each timed chop run without chop's token cache (a machine's first run; the fast run is
+then timed again with the cache it left). Prints a table and writes
 eval_speed.json (to $OUT, else benchmarks/results/).
 """
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,8 +49,14 @@ def data_dir(args) -> list[str]:
     return ["--data_dir", args.data_dir] if args.data_dir else []
 
 
-def run_chop(model_dir: str, args, dtype: str, share: bool = False, limit: Optional[int] = None) -> tuple[dict, float]:
+def run_chop(model_dir: str, args, dtype: str, share: bool = False, limit: Optional[int] = None,
+             cache: Optional[str] = None) -> tuple[dict, float]:
+    """One timed ``chop eval``; ``cache`` (default ``--token_cache``): ``cold`` empties chop's token cache first."""
     out, limit = TMP / "chop.json", limit or args.limit
+    if (cache or args.token_cache) == "cold":
+        from chop.eval.engine import token_cache
+
+        shutil.rmtree(token_cache(), ignore_errors=True)
     cmd = [sys.executable, "-m", "chop", "eval", "--model", model_dir, "--tasks", args.tasks, *data_dir(args),
            "--dtype", dtype, "--device", args.device, "--samples", "true", "--output", str(out),
            "--mode", "fast" if share else "exact"] + (["--limit", str(limit)] if limit else [])
@@ -134,6 +143,11 @@ def compare(model_dir: str, args, label: str, save: Callable[[dict], None]) -> d
                        "argmax_flips": flips, "metrics_equal": same, "metrics": len(metrics)}
         print(f"  chop --mode fast: {seconds:.1f} s, {lm_eval_s / seconds:.1f}x; largest log-likelihood difference "
               f"{worst:.3f}, choices picked differently {flips}, metrics equal {same} of {len(metrics)}", flush=True)
+        if args.token_cache == "cold":  # and once more, finding the tokens the cold run kept (a user's next run)
+            again, warm_s = run_chop(model_dir, args, args.dtype, share=True, cache="as_found")
+            out["fast"]["warm_token_cache"] = {"chop_s": warm_s, "speedup": lm_eval_s / warm_s,
+                                               "phases": phases(again, warm_s)}
+            print(f"  chop --mode fast again, token cache warm: {warm_s:.1f} s, {lm_eval_s / warm_s:.1f}x", flush=True)
         save(out)
     out["lm_eval_self"] = {}
     for j in range(1, len(runs)):  # does lm-eval agree with itself at another batch size?
@@ -206,6 +220,9 @@ def main() -> None:
                    "its distance from float32 per task against exact bf16's)")
     p.add_argument("--fast_kernels", default="torch", choices=["torch", "liger"],
                    help="chop eval --kernels of the fast run (liger: fused RMSNorm, rotary, SwiGLU)")
+    p.add_argument("--token_cache", default="as_found", choices=["as_found", "cold"],
+                   help="cold: empty chop's token cache before each timed chop run, as on a machine's first run (then "
+                        "the fast run once more with its cache warm); as_found: leave it as earlier runs left it")
     p.add_argument("--limit_1b", type=int, default=None, help="documents per task for the 1B model")
     p.add_argument("--only_1b", action="store_true", help="time the 1B model alone (with --model's tokenizer)")
     p.add_argument("--lm_eval_worker", help=argparse.SUPPRESS)  # internal: the lm-eval side, writing JSON here
@@ -224,7 +241,7 @@ def main() -> None:
 
     prov = provenance(args.model, data)  # a hub id resolves to chop's offline copy without the Hub (and says so)
     args.model = resolve(args.model)
-    results = {"provenance": prov, "gpu": gpu, "tasks": args.tasks, "runs": []}
+    results = {"provenance": prov, "gpu": gpu, "tasks": args.tasks, "token_cache": args.token_cache, "runs": []}
     out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / ("eval_speed_1b.json" if args.only_1b
                                                                            else "eval_speed.json")
     out.parent.mkdir(parents=True, exist_ok=True)

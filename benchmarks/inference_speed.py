@@ -5,7 +5,9 @@ dense Llama and its LayerChop'd and structurally pruned versions, random init, b
 
 Rows per model: dense; LayerChop removing 25% and 50% of the layers (``output`` strategy); structured width pruning
 of 20% and 30% of the decoder linears, per-layer widths (the one-threshold choice, by magnitude: on random weights
-any criterion gives such shapes) and uniform widths. Prefill: one forward over batch x 2,048 tokens (batch 1 and 16).
+any criterion gives such shapes; MLP widths multiples of 64) and uniform widths (``--variants`` also offers 30% with
+widths multiples of 128 and 256). Each row's prefill FLOPs per token (``prefill_flops``) give the speed-up in
+proportion to the compute removed, beside the measured one. Prefill: one forward over batch x 2,048 tokens (batch 1 and 16).
 Decode: 256 new tokens after a 128-token prompt, greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over
 the batch. Medians of ``--reps`` after a warm-up; speed-ups against the dense row of the same run. ``--kernels liger``
 runs every model with chop's fused kernels (``model.kernels``: RMSNorm, rotary, SwiGLU). ``--breakdown`` adds, per
@@ -44,7 +46,19 @@ VARIANTS = {
     "structured 20%": {"pruning": {"method": "magnitude", "sparsity": 0.2, "align": 64}},
     "structured 30%": {"pruning": {"method": "magnitude", "sparsity": 0.3, "align": 64}},
     "structured 30%, uniform": {"pruning": {"method": "magnitude", "sparsity": 0.3, "align": 64, "uniform": True}},
+    "structured 30%, align 128": {"pruning": {"method": "magnitude", "sparsity": 0.3, "align": 128}},
+    "structured 30%, align 256": {"pruning": {"method": "magnitude", "sparsity": 0.3, "align": 256}},
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if "align" not in v]
+
+
+def prefill_flops(model, seq: int = 2048) -> float:
+    """Forward FLOPs per token of a ``seq``-token prefill: 2 x the weights of every linear (LM head included, as the
+    forward forms every position's logits) and causal attention (scores and values: each query against (seq+1)/2
+    keys on average, over the layer's query width), each layer by its own shapes."""
+    linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = sum(2 * layer.self_attn.q_proj.out_features * (seq + 1) for layer in model.model.layers)
+    return 2 * linears + attention
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,7 +161,7 @@ def breakdown(model, batch: int = 16, reps: int = 3) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["1.1b", "7b"], choices=list(SHAPES))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--kernels", default="torch", choices=["torch", "liger"])
     p.add_argument("--breakdown", action="store_true")
@@ -169,17 +183,22 @@ def main() -> None:
             if "pruning" in todo:
                 pruner_from(todo["pruning"]).prune(model, [])
             apply_kernels(model, a.kernels)
-            run = {"model": shape, "variant": name, "params": num_params(model), **measure(model, a.reps, not a.no_decode)}
+            run = {"model": shape, "variant": name, "params": num_params(model), "prefill_flops_per_token":
+                   prefill_flops(model), **measure(model, a.reps, not a.no_decode)}
             if a.breakdown:
                 run["breakdown_prefill_b16"] = breakdown(model, 16, a.reps)
                 print("      " + ", ".join(f"{k} {v:.1f}" for k, v in run["breakdown_prefill_b16"].items()))
             dense = dense or run  # the dense row runs first (when asked for): the ratios are against it
             run.update({f"{k}_speedup": (dense[k] / run[k] if k.endswith("_ms") else run[k] / dense[k])
                         for k in run if k.endswith(("_ms", "_tok_s"))})
+            # In proportion to the compute removed: the dense row's prefill FLOPs over this row's.
+            run["flops_ratio"] = dense["prefill_flops_per_token"] / run["prefill_flops_per_token"]
             results["runs"].append(run)
-            decode = (f"{run['decode_b1_tok_s']:>11.1f}{run['decode_b32_tok_s']:>9.1f}   speed-up prefill b16 "
-                      f"{run['prefill_b16_ms_speedup']:.2f}x, decode b32 {run['decode_b32_tok_s_speedup']:.2f}x"
-                      if not a.no_decode else f"{'-':>11}{'-':>9}   speed-up prefill b16 {run['prefill_b16_ms_speedup']:.2f}x")
+            decode = (f"{run['decode_b1_tok_s']:>11.1f}{run['decode_b32_tok_s']:>9.1f}" if not a.no_decode
+                      else f"{'-':>11}{'-':>9}") + (f"   speed-up prefill b16 {run['prefill_b16_ms_speedup']:.2f}x "
+                                                    f"(FLOPs {run['flops_ratio']:.2f}x)")
+            if not a.no_decode:
+                decode += f", decode b32 {run['decode_b32_tok_s_speedup']:.2f}x"
             print(f"{shape:<6}{name:<26}{run['params'] / 1e9:>7.2f}B{run['prefill_b1_ms']:>11.1f}{run['prefill_b16_ms']:>9.1f}"
                   + decode, flush=True)
             out.write_text(json.dumps(results, indent=2))

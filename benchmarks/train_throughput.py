@@ -7,11 +7,13 @@ intermediate 5632, vocab 32000), sequence 2048, bf16-mixed (fp32 weights, bf16 a
 A variant is `plain` (a hand-written loop over the HF model with random tokens) or `chop` (Lightning Trainer +
 ContinuedPretraining + StreamingDataModule reading and tokenizing FILE with 4 workers), then any of `+compile`
 (torch.compile: the whole model for plain, the body for chop's `model.compile`), `+liger` (chop's
-`model.kernels: liger`; with +compile, liger's fused cross-entropy alone), `+cudnn`/`+flash`/`+efficient` (chop's
+`model.kernels: liger`; with +compile, liger's fused cross-entropy alone), `+bf16res` (chop's
+`model.residual_dtype: bfloat16`: the residual stream in bf16), `+cudnn`/`+flash`/`+efficient` (chop's
 `model.sdpa_backend`: SDPA tries that backend first; the JSON records the attention kernels a probe of the model's
 attention shapes ran under it) and `@B` (micro-batch B, default --batch). Each variant runs in its own process (liger
 patches transformers' modules for the whole process). Tokens/s are timed from step `--warmup` to the last step
-(compilation excluded). MFU uses 6N + 12*L*d*s FLOPs per token over a 989 TFLOP/s peak (dense bf16, H100/H200).
+(compilation excluded); `--profile N` then records the CUDA kernels of N more steps of each chop variant (GPU time
+per step by kind of kernel). MFU uses 6N + 12*L*d*s FLOPs per token over a 989 TFLOP/s peak (dense bf16, H100/H200).
 Prints a table and writes train_throughput.json ($OUT, else benchmarks/results/) with its provenance.
 """
 
@@ -58,41 +60,88 @@ def plain(args, compile_: bool) -> float:
     return (args.steps - args.warmup) * args.batch * args.seq / (time.perf_counter() - t0)
 
 
-def step_timer(warmup: int):
-    """A Lightning callback that times training from optimizer step ``warmup`` (t0) to the end (t1)."""
+# Kinds of CUDA kernels, by what their names contain (first match), for --profile.
+KINDS = [("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma")),
+         ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
+         ("norm (RMSNorm)", ("rms_norm", "rmsnorm")), ("SwiGLU", ("swiglu", "silu")), ("rotary", ("rope",)),
+         ("cross-entropy", ("cross_entropy", "element_mul", "log_softmax", "nll_loss")),
+         ("optimizer, clipping", ("adam", "multi_tensor", "lpnorm", "foreach")),
+         ("embedding", ("embedding", "index", "scatter", "sort", "radix")),
+         ("elementwise, casts, reductions", ("elementwise", "reduce", "copy", "fill", "cat"))]
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other")
+
+
+def step_timer(warmup: int, end: int, profile: int = 0):
+    """A Lightning callback that times training from optimizer step ``warmup`` (t0) to step ``end`` or the end (t1),
+    and with ``profile`` > 0 records the CUDA kernels of the ``profile`` steps after ``end`` (``self.profile``: GPU
+    milliseconds per step by kind of kernel, the step's wall time, and the kernels that took longest)."""
     import lightning as L
 
     class Timer(L.Callback):
+        profile: dict = {}
+
         def on_train_batch_start(self, trainer, *_):
-            if trainer.global_step == warmup:
+            step = trainer.global_step
+            if step in (warmup, end, end + profile):
                 torch.cuda.synchronize()
+            if step == warmup:
                 self.t0 = time.perf_counter()
+            elif step == end:
+                self.t1 = time.perf_counter()
+                if profile:
+                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+            elif profile and step == end + profile:
+                self.prof.__exit__(None, None, None)
+                self.profile = summarise(self.prof, profile, time.perf_counter() - self.t1)
 
         def on_train_end(self, trainer, *_):
             torch.cuda.synchronize()
-            self.t1 = time.perf_counter()
+            if not hasattr(self, "t1"):
+                self.t1 = time.perf_counter()
 
     return Timer()
 
 
-def chop_fit(args, compile_: bool, kernels: str = "torch", sdpa: Optional[str] = None) -> float:
+def summarise(prof, steps: int, wall_s: float) -> dict:
+    """Per step: GPU milliseconds by kind of kernel, their sum (busy), the wall time, and the 15 longest kernels."""
+    kinds: dict[str, float] = {}
+    names: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            ms = (e.time_range.end - e.time_range.start) / 1e3 / steps
+            kinds[kind_of(e.name)] = kinds.get(kind_of(e.name), 0.0) + ms
+            names[e.name[:100]] = names.get(e.name[:100], 0.0) + ms
+    top = dict(sorted(names.items(), key=lambda kv: -kv[1])[:15])
+    return {"steps": steps, "wall_ms_per_step": 1e3 * wall_s / steps, "gpu_busy_ms_per_step": sum(kinds.values()),
+            "by_kind_ms_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "longest_kernels_ms": top}
+
+
+def chop_fit(args, compile_: bool, kernels: str = "torch", sdpa: Optional[str] = None,
+             residual: str = "float32") -> tuple[float, dict]:
+    """``chop fit``'s tokens/s from step ``--warmup`` to ``--steps``, and the ``--profile`` of the steps after."""
     import lightning as L
 
     from chop.training.pretraining_data import StreamingDataModule
     from chop.training.optim import Optim
     from chop.training.pretrain import ContinuedPretraining
 
-    timer = step_timer(args.warmup)
+    timer = step_timer(args.warmup, args.steps, args.profile)
     model = ContinuedPretraining(tokenizer=args.tokenizer, config=LLAMA_1B, dtype="float32", compile=compile_,
-                                 kernels=kernels, sdpa_backend=sdpa, optim=Optim(lr=3e-4, warmup_steps=10),
-                                 export_on_end=False)
+                                 kernels=kernels, sdpa_backend=sdpa, residual_dtype=residual,
+                                 optim=Optim(lr=3e-4, warmup_steps=10), export_on_end=False)
     data = StreamingDataModule(tokenizer=args.tokenizer, train_files=[args.train_files], seq_len=args.seq,
                                batch_size=args.batch, num_workers=4, shuffle_buffer=1000)
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=args.steps, logger=False,
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed",
+                        max_steps=args.steps + (args.profile + 1 if args.profile else 0), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
                         gradient_clip_val=1.0, callbacks=[timer], enable_model_summary=False)
     trainer.fit(model, data)
-    return (args.steps - args.warmup) * args.batch * args.seq / (timer.t1 - timer.t0)
+    return (args.steps - args.warmup) * args.batch * args.seq / (timer.t1 - timer.t0), timer.profile
 
 
 def variant(args, name: str) -> dict:
@@ -101,15 +150,16 @@ def variant(args, name: str) -> dict:
     args.batch = int(batch) if batch else args.batch
     parts = kind.split("+")
     if parts[0] == "plain":
-        if set(parts) & {"liger", "cudnn", "flash", "efficient"}:
-            raise SystemExit(f"--variants: '{name}': +liger and the SDPA backends are chop's switches (model.kernels, "
-                             f"model.sdpa_backend); the plain loop has none")
+        if set(parts) & {"liger", "cudnn", "flash", "efficient", "bf16res"}:
+            raise SystemExit(f"--variants: '{name}': +liger, +bf16res and the SDPA backends are chop's switches "
+                             f"(model.kernels, model.residual_dtype, model.sdpa_backend); the plain loop has none")
         tps = plain(args, compile_="compile" in parts)
     else:
         sdpa = next((p for p in parts if p in ("cudnn", "flash", "efficient")), None)
-        tps = chop_fit(args, compile_="compile" in parts, kernels="liger" if "liger" in parts else "torch", sdpa=sdpa)
+        tps, profile = chop_fit(args, compile_="compile" in parts, kernels="liger" if "liger" in parts else "torch",
+                                sdpa=sdpa, residual="bfloat16" if "bf16res" in parts else "float32")
         return {"tokens_per_s": tps, "batch": args.batch, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "attention_kernels": attention_kernels(args, sdpa)}
+                "attention_kernels": attention_kernels(args, sdpa), **({"profile": profile} if profile else {})}
     return {"tokens_per_s": tps, "batch": args.batch, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -139,6 +189,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--variants", default="plain+compile,chop,chop+compile,chop+liger,chop+liger@16,chop+liger+compile@16")
+    p.add_argument("--profile", type=int, default=0, help="chop variants: record the CUDA kernels of this many "
+                   "steps after the timed ones (GPU time per step by kind of kernel, in the JSON)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this variant and write its result to --result
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -168,7 +220,7 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, "--one", v, "--result", f.name, "--tokenizer", args.tokenizer,
                    "--train_files", args.train_files, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--batch", str(args.batch), "--seq", str(args.seq)]
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--profile", str(args.profile)]
             done = subprocess.run(cmd, stdout=sys.stderr)
             if done.returncode:
                 results["variants"][v] = {"failed": done.returncode}
@@ -178,6 +230,10 @@ def main() -> None:
         r["mfu"] = r["tokens_per_s"] * flops / PEAK
         results["variants"][v] = r
         print(f"{v:<26}{r['batch']:>6}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}{r['peak_gib']:>10.1f}", flush=True)
+        if "profile" in r:
+            prof = r["profile"]
+            print(f"  a step: {prof['wall_ms_per_step']:.1f} ms, GPU busy {prof['gpu_busy_ms_per_step']:.1f} ms: "
+                  + ", ".join(f"{k} {ms:.1f}" for k, ms in prof["by_kind_ms_per_step"].items()), flush=True)
         write(results)  # after every variant: a run cut off later keeps what it measured
     ratios = [f"{v} {r['vs_plain_compiled']:.2f}x" for v, r in results["variants"].items() if "vs_plain_compiled" in r]
     if ratios:

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for models that state no context length
 HEAD_CHUNK = 4096  # continuation positions whose logits are formed at once
-# For rows with segment masks (share_contexts): cuDNN's attention would build a plan for every new mask shape.
+# Fast mode's attention (share_contexts): cuDNN's, first in PyTorch's own order on an H100/H200, builds a plan for
+# every new shape (of batch, width and mask), which costs seconds on a suite of many shapes; flash attention none.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MAX_BATCH_TOKENS = 2**17  # larger batches gain no speed and, sorted by length, carry more padding
 CACHE_VERSION = 1  # of Encoder's rules: a change to how pairs are encoded must bump it (old caches then go unread)
@@ -466,8 +467,8 @@ class Scorer:
                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's part of a batch: each target token's log-probability at (row, col), and 1 where greedy
         decoding would not give it."""
-        # Without a mask the model picks the attention kernel lm-eval's forward gets (cuDNN's on an H100).
-        with sdpa_kernel(ATTENTION_BACKENDS) if kwargs else nullcontext():
+        # Exact mode: the attention kernel lm-eval's forward gets (cuDNN's on an H100), for its bits.
+        with sdpa_kernel(ATTENTION_BACKENDS) if self.share else nullcontext():
             hidden = self.model.base_model(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
         picked = hidden[rows, cols]
         logp, misses = [], []

@@ -20,6 +20,7 @@ from chop.models.checkpoint import CKPT_KEY, config_differences, export_hf, read
 from chop.models.kernels import (Kernels, SdpaBackend, apply_kernels, check_device, check_kernels, check_sdpa_backend,
                                  sdpa_backend)
 from chop.models.loading import DTYPES, from_config, load_config, load_model
+from chop.models.precision import ResidualDtype, check_residual_dtype, residual_in_bf16
 from chop.models.registry import num_layers, output_head
 from chop.pruning.layerchop import ChopPlan, LayerChop
 from chop.pruning.pruner import CalibrationData, refusal
@@ -53,6 +54,10 @@ class CausalLMModule(L.LightningModule):
         kernels: ``torch`` (the model's own modules) or ``liger``: liger-kernel's fused RMSNorm, rotary embeddings,
             SwiGLU and, for the LM loss, fused linear cross-entropy (CUDA GPUs; ``chop.models.kernels``); with
             ``compile``, the fused cross-entropy alone (Inductor fuses the rest).
+        residual_dtype: the residual stream's dtype under ``precision: bf16-mixed``: ``float32`` (autocast's: the
+            embeddings' output is float32, and each linear casts its input to bf16 again) or ``bfloat16`` (the
+            embeddings' output cast once, as Megatron-LM and FSDP2's mixed precision keep it: less memory traffic,
+            other rounding; ``chop.models.precision``). Needs ``trainer.precision: bf16-mixed``.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         export_on_end: at the end of ``fit``, write the model and tokenizer as a Hugging Face directory
             ``hf/`` beside the checkpoints.
@@ -72,6 +77,7 @@ class CausalLMModule(L.LightningModule):
         optim: optim.Optim = optim.Optim(),
         compile: bool = False,
         kernels: Kernels = "torch",
+        residual_dtype: ResidualDtype = "float32",
         sdpa_backend: Optional[SdpaBackend] = None,
         gradient_checkpointing: bool = False,
         export_on_end: bool = True,
@@ -94,7 +100,7 @@ class CausalLMModule(L.LightningModule):
         self.name, self.config_overrides, self.dtype_name, self.attn = name, config, dtype, attn_implementation
         self.chop_spec, self.optim_cfg, self.tokenizer_name = chop, optim, tokenizer or name
         self.compile_forward, self.gradient_checkpointing, self.export_on_end = compile, gradient_checkpointing, export_on_end
-        self.kernels, self.sdpa_backend = kernels, sdpa_backend
+        self.kernels, self.sdpa_backend, self.residual_dtype = kernels, sdpa_backend, residual_dtype
         self.max_nonfinite_steps = max_nonfinite_steps
         self.resume_checkpoint: Optional[str] = None  # set by `chop fit --ckpt_path`: the architecture comes from it
         self._nonfinite_steps = 0
@@ -112,6 +118,7 @@ class CausalLMModule(L.LightningModule):
         if kernels != "torch":
             check_kernels(kernels, self.source_config())
         check_sdpa_backend(sdpa_backend, attn_implementation)
+        check_residual_dtype(residual_dtype)  # the trainer's precision: in setup
 
     @property
     def source(self) -> str:
@@ -149,6 +156,8 @@ class CausalLMModule(L.LightningModule):
         # liger's fused cross-entropy is kept then.
         self.module_kernels = "torch" if self.compile_forward else self.kernels
         apply_kernels(self.model, self.module_kernels)
+        if self.residual_dtype == "bfloat16":
+            residual_in_bf16(self.model)
         self.model_size = ModelSize.of(self.model)
         self.model.train()  # from_pretrained leaves it in eval mode
         if self.gradient_checkpointing:
@@ -174,6 +183,7 @@ class CausalLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_device(self.kernels, self.trainer.strategy.root_device, first_sdpa=self.sdpa_backend)
+        check_residual_dtype(self.residual_dtype, self.trainer.precision)
         self.check_data(self.trainer.datamodule)
 
     def check_data(self, datamodule: Any) -> None:

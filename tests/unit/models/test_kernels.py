@@ -53,11 +53,13 @@ def test_liger_on_the_cpu_is_refused_before_the_model_loads(monkeypatch, tmp_pat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["pretraining", "distillation"])
-def test_liger_gives_the_torch_loss_and_gradients_on_a_gpu(kind):
+@pytest.mark.parametrize("kind,residual", [("pretraining", "float32"), ("distillation", "float32"),
+                                           ("pretraining", "bfloat16")])
+def test_liger_gives_the_torch_loss_and_gradients_on_a_gpu(kind, residual):
     """Both paths from the same weights, under bf16 autocast with float32 weights as `chop fit` trains: the same loss
-    and the same gradient of every parameter, to bf16 rounding. (torch first: liger patches Llama's rotary function
-    for the whole process.)"""
+    and the same gradient of every parameter, to bf16 rounding; also with liger's path on a bf16 residual stream
+    (``model.residual_dtype``: its RMSNorm then reads bf16 with float32 weights). (torch first: liger patches Llama's
+    rotary function for the whole process.)"""
     from chop.training.distill import Distillation
 
     cfg = dict(TINY["llama"], hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -67,7 +69,8 @@ def test_liger_gives_the_torch_loss_and_gradients_on_a_gpu(kind):
     for k in ("torch", "liger"):
         make = ContinuedPretraining if kind == "pretraining" else Distillation
         extra = {} if kind == "pretraining" else {"loss": {"lm": 0.5, "logits": 1.0, "hidden": 1.0}}
-        module = make(config=cfg, tokenizer=None, kernels=k, **extra)
+        module = make(config=cfg, tokenizer=None, kernels=k, residual_dtype=residual if k == "liger" else "float32",
+                      **extra)
         with torch.device("cuda"):
             module.configure_model()
         module.cuda()
