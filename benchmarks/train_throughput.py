@@ -61,8 +61,8 @@ def plain(args, compile_: bool) -> float:
 
 
 # Kinds of CUDA kernels, by what their names contain (first match), for --profile.
-KINDS = [("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma")),
-         ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
+KINDS = [("attention", ("fmha", "flash", "sdpa", "attention", "attn", "dot_do_o")),  # before matmul: cuDNN's say wgmma
+         ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma")),
          ("norm (RMSNorm)", ("rms_norm", "rmsnorm")), ("SwiGLU", ("swiglu", "silu")), ("rotary", ("rope",)),
          ("cross-entropy", ("cross_entropy", "element_mul", "log_softmax", "nll_loss")),
          ("optimizer, clipping", ("adam", "multi_tensor", "lpnorm", "foreach")),

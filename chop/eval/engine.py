@@ -220,7 +220,7 @@ def splits_locally(definition: str) -> bool:
     context + continuation are the context's up to its last piece and the encoding of the rest."""
     spec = json.loads(definition)
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if spec.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout"):
+    if not _no_op(spec.get("normalizer")) or model.get("type") != "BPE" or model.get("dropout"):
         return False
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     for step in steps:
@@ -235,6 +235,13 @@ def splits_locally(definition: str) -> bool:
         else:
             return False
     return any(step.get("type") == "ByteLevel" for step in steps)
+
+
+def _no_op(normalizer: Optional[dict]) -> bool:
+    """Whether a normaliser changes nothing: none, or a sequence of none (transformers' GGUF conversion writes an
+    empty one)."""
+    return normalizer is None or (normalizer.get("type") == "Sequence"
+                                  and all(_no_op(n) for n in normalizer.get("normalizers", [])))
 
 
 @contextmanager

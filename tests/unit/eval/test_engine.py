@@ -273,9 +273,11 @@ def test_tokenizers_whose_pieces_depend_on_the_text_before_them_encode_each_pair
         return _bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"), bytes_only]))
 
     assert Encoder(_bpe(byte_level)).shortcut
+    assert Encoder(_bpe(byte_level, normalizers.Sequence([]))).shortcut  # as transformers' GGUF conversion writes it
     assert Encoder(split_by(r" ?\p{L}+| ?\p{N}{1,3}|[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")).shortcut  # Llama 3's kind
     refused = {
         "a normaliser": _bpe(byte_level, normalizers.NFKC()),
+        "a sequence of one": _bpe(byte_level, normalizers.Sequence([normalizers.Lowercase()])),
         "a prefix space": _bpe(pre_tokenizers.ByteLevel(add_prefix_space=True)),
         "lookbehind": split_by(r"(?<=\d)\s|\w+"),
         "an anchor": split_by(r"^\s+|\w+"),
