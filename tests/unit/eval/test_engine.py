@@ -144,6 +144,28 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_the_scores_stay(eval_mode
     assert max(abs(a[0] - b[0]) for a, b in zip(halved, base)) < 1e-4
 
 
+def test_fast_mode_keeps_cudnn_attention_out_of_every_batch_and_exact_mode_leaves_pytorch_s_choice(eval_tokenizer,
+                                                                                                   monkeypatch):
+    """cuDNN's attention builds a plan for every new shape, seconds over a suite's many batch shapes: fast mode runs
+    every batch, masked (choices of several tokens) or not (one-token choices, as MMLU's), with it disabled; exact
+    mode runs PyTorch's own choice, as lm-eval's forward does (its bits)."""
+    torch.manual_seed(0)
+    model = load_model(config=dict(TINY["llama"], vocab_size=len(eval_tokenizer), max_position_embeddings=512),
+                       attn_implementation="sdpa").eval()
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(torch.backends.cuda.cudnn_sdp_enabled()) or real(*a, **kw))
+    one_token = [("Question: which? Answer:", f" {c}") for c in "ABCD"]
+    several = [("The cat sat on the", " mat today"), ("The cat sat on the", " warm stone floor")]
+    outside = torch.backends.cuda.cudnn_sdp_enabled()
+    for fast, requests in ((True, one_token), (True, several), (False, one_token)):
+        seen.clear()
+        Scorer(model, eval_tokenizer, share_contexts=fast).loglikelihood(requests)
+        assert seen and set(seen) == ({False} if fast else {outside}), (fast, requests[0])
+    assert torch.backends.cuda.cudnn_sdp_enabled() == outside
+
+
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_shared_context_rows_equal_separate_requests_on_every_architecture(arch, eval_tokenizer, monkeypatch):
     """Choices that share a context are scored in one row (a segment mask); the scores equal each request alone."""
