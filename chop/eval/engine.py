@@ -168,9 +168,10 @@ class Encoder:
             encodings = rust.encode_batch(contexts, add_special_tokens=True)
         firsts = {}  # context: its tokens and the first token of its last piece
         for context, e in zip(contexts, encodings):
-            word = e.token_to_word(len(e.ids) - 1) if e.ids else None
+            ids = e.ids  # a new list at each access
+            word = e.token_to_word(len(ids) - 1) if ids else None
             if word is not None:  # else it ends in a special token (a template appends one): encoded whole
-                firsts[context] = (e.ids, e.word_to_tokens(word)[0])
+                firsts[context] = (ids, e.word_to_tokens(word)[0])
         # Where the last piece starts: the length of the text the tokens before it decode to (the encodings' character
         # offsets will not do: a byte-level post-processor trims the piece's leading space from them), if it is the
         # context's own beginning (it is, for a byte-level BPE).
@@ -178,7 +179,7 @@ class Encoder:
             before = rust.decode_batch([ids[:first] for ids, first in firsts.values()], skip_special_tokens=True)
         cut = {c: (ids, first, len(text)) for (c, (ids, first)), text in zip(firsts.items(), before)
                if c.startswith(text)}  # context: its tokens, first token and character of its last piece
-        tail = {(c, x): (c + x)[cut[c][2]:] for c, x in usable if c in cut}  # from the context's last piece on
+        tail = {(c, x): c[cut[c][2]:] + x for c, x in usable if c in cut}  # from the context's last piece on
         texts = sorted(set(tail.values()))
         with self._in_threads():
             tail_ids = dict(zip(texts, (e.ids for e in rust.encode_batch(texts, add_special_tokens=False))))

@@ -5,7 +5,8 @@ embeddings' output is float32, so every layer's output is added to a float32 res
 write float32, and each linear casts its float32 input to bfloat16 again (q, k and v each their own copy, kept for
 the backward pass). ``bfloat16`` casts the embeddings' output once: the residual stream, the norms' inputs and the
 linears' inputs are then bfloat16, as in Megatron-LM (its default, without ``--fp32-residual-connection``) and under
-FSDP2's mixed precision (torchtitan). Less memory traffic and activation memory; other rounding.
+FSDP2's mixed precision (torchtitan). Less memory traffic and activation memory; other rounding. Evaluation during
+training (under autocast) sees the bf16 stream too; the export is a plain transformers model, without the cast.
 """
 
 from __future__ import annotations
