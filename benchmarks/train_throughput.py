@@ -108,7 +108,8 @@ def step_timer(warmup: int, end: int, profile: int = 0):
 
 
 def summarise(prof, steps: int, wall_s: float) -> dict:
-    """Per step: GPU milliseconds by kind of kernel, their sum (busy), the wall time, and the 15 longest kernels."""
+    """Per step: GPU milliseconds by kind of kernel, their sum (busy), the wall time (the profiler's own cost on the
+    host included: compare busy with the timed steps' time), and the 15 longest kernels."""
     kinds: dict[str, float] = {}
     names: dict[str, float] = {}
     for e in prof.events():
@@ -232,7 +233,8 @@ def main() -> None:
         print(f"{v:<26}{r['batch']:>6}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}{r['peak_gib']:>10.1f}", flush=True)
         if "profile" in r:
             prof = r["profile"]
-            print(f"  a step: {prof['wall_ms_per_step']:.1f} ms, GPU busy {prof['gpu_busy_ms_per_step']:.1f} ms: "
+            print(f"  a profiled step: {prof['wall_ms_per_step']:.1f} ms (the profiler's cost included), GPU busy "
+                  f"{prof['gpu_busy_ms_per_step']:.1f} ms: "
                   + ", ".join(f"{k} {ms:.1f}" for k, ms in prof["by_kind_ms_per_step"].items()), flush=True)
         write(results)  # after every variant: a run cut off later keeps what it measured
     ratios = [f"{v} {r['vs_plain_compiled']:.2f}x" for v, r in results["variants"].items() if "vs_plain_compiled" in r]
