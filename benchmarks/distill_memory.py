@@ -13,14 +13,13 @@ memory-bound runs do, so that the layers' activations no longer hide the logits'
 
 import argparse
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from chop.training.losses import chunk_for
+from common import result_path
 
 TEACHER = dict(model_type="llama", hidden_size=2048, num_hidden_layers=28, num_attention_heads=32,
                num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, max_position_embeddings=4096,
@@ -146,8 +145,7 @@ def main() -> None:
             print(f"{label:<34}{c[key]:>10.2f}{'OOM':>10}")
         else:
             print(f"{label:<34}{c[key]:>10.2f}{n[key]:>10.2f}{n[key] / c[key]:>15.2f}")
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "distill_memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("distill_memory.json")
     out.write_text(json.dumps(results, indent=2))
 
 

@@ -12,13 +12,12 @@ benchmarks/results/).
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 from distill_memory import KEEP, TEACHER, measure
 
 from chop.training.losses import chunk_for
+from common import result_path
 
 
 def main() -> None:
@@ -61,8 +60,7 @@ def main() -> None:
         print(f"{path:<14}{a['step_s']:>12.3f}{b['step_s']:>12.3f}{ratio:>8.3f}{predicted['params']:>17.3f}"
               f"{predicted['flops']:>13.3f}{ratio / predicted['flops'] - 1:>+10.1%}")
         results[f"vs_flops_{path}"] = ratio / predicted["flops"] - 1
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "distill_overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("distill_overhead.json")
     out.write_text(json.dumps(results, indent=2))
 
 

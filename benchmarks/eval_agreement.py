@@ -13,11 +13,11 @@ Prints a table and writes eval_agreement.json ($OUT, else benchmarks/results/) w
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from chop.eval.agreement import compare
 from chop.provenance import provenance
+from common import result_path
 
 
 def main() -> None:
@@ -50,8 +50,7 @@ def main() -> None:
     if a.gpu or a.commit:
         prov.update({k: v for k, v in (("gpu", a.gpu), ("commit", a.commit)) if v})
         prov["note"] += " The three runs were made elsewhere (gpu, commit); torch is the summarising machine's."
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "eval_agreement.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("eval_agreement.json")
     out.write_text(json.dumps({"provenance": prov, "tasks": table, "runs": times}, indent=2))
 
 

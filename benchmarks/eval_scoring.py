@@ -12,13 +12,12 @@ benchmarks/results/).
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 from gpu_clock import timed
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from common import result_path
 
 
 def main() -> None:
@@ -71,8 +70,7 @@ def main() -> None:
     for name, m in modes.items():
         print(f"{name:<12}{m['cold_s']:>9.2f}{m['warm_s']:>9.2f}{m['gpu_busy_s']:>12.2f}")
     print(f"largest |Δ log-likelihood| fast+liger against fast: {diff:.3f}")
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "eval_scoring.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("eval_scoring.json")
     out.write_text(json.dumps({"provenance": prov, "requests": len(pairs), "modes": modes,
                                "fast_liger_max_ll_diff_vs_fast": diff}, indent=2))
 

@@ -22,7 +22,6 @@ eval_speed.json (to $OUT, else benchmarks/results/).
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from common import result_path
 
 TMP = Path(tempfile.mkdtemp())
 
@@ -242,9 +242,7 @@ def main() -> None:
     prov = provenance(args.model, data)  # a hub id resolves to chop's offline copy without the Hub (and says so)
     args.model = resolve(args.model)
     results = {"provenance": prov, "gpu": gpu, "tasks": args.tasks, "token_cache": args.token_cache, "runs": []}
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / ("eval_speed_1b.json" if args.only_1b
-                                                                           else "eval_speed.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path(("eval_speed_1b.json" if args.only_1b else "eval_speed.json"))
 
     def save(run: dict) -> None:  # this model's result so far, after the models done before it
         out.write_text(json.dumps({**results, "runs": results["runs"] + [run]}, indent=2))

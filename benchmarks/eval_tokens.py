@@ -14,10 +14,9 @@ writes eval_tokens.json (eval_tokens_1b.json) to $OUT, else benchmarks/results/.
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
+from common import result_path
 
 PEAK = 989e12
 
@@ -82,8 +81,7 @@ def main() -> None:
     record = {"provenance": provenance(args.model, data, note=f"shape: {label}; no weights used (meta device)"),
               "shape": label, "peak_flops": PEAK, "modes": result}
     name = "eval_tokens_1b.json" if args.llama_1b else "eval_tokens.json"
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path(name)
     out.write_text(json.dumps(record, indent=2))
 
 

@@ -18,10 +18,8 @@ inference_speed_<models>[_liger].json ($OUT, else benchmarks/results/) with its 
 
 import argparse
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,6 +28,7 @@ from chop.models.loading import load_model
 from chop.provenance import provenance
 from chop.pruning.layerchop import LayerChop, chop, num_params
 from chop.pruning.registry import pruner_from
+from common import result_path
 
 SHAPES = {
     "1.1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -169,8 +168,7 @@ def main() -> None:
     a = p.parse_args()
     results = {"provenance": provenance(None, {"tokens": "random ids"}), "settings": vars(a), "runs": []}
     tag = "_".join(a.models) + ("_liger" if a.kernels == "liger" else "")
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / f"inference_speed_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path(f"inference_speed_{tag}.json")
     print(f"{'model':<6}{'variant':<26}{'params':>8}{'prefill b1':>11}{'b16':>9}{'decode b1':>11}{'b32':>9}  (ms; tok/s)")
     for shape in a.models:
         dense = None

@@ -11,11 +11,10 @@ Prints a table and writes residual_quality.json ($OUT, else benchmarks/results/)
 
 import argparse
 import json
-import os
 import statistics
-from pathlib import Path
 
 import lightning as L
+from common import result_path
 
 
 class Losses(L.Callback):
@@ -79,8 +78,7 @@ def main() -> None:
     print(f"{'residual':<10}{'first loss':>12}{'last tenth':>12}{'held-out':>10}")
     for r, v in summary.items():
         print(f"{r:<10}{v['first_loss']:>12.4f}{v['last_tenth_mean_loss']:>12.4f}{v['val_loss']:>10.4f}")
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "residual_quality.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("residual_quality.json")
     out.write_text(json.dumps(record, indent=2))
 
 

@@ -12,12 +12,11 @@ writes semistructured_speed.json ($OUT, else benchmarks/results/).
 
 import argparse
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import result_path
 
 
 def latency(model, ids, iters: int) -> float:
@@ -79,8 +78,7 @@ def main() -> None:
     print(f"  {'model':<48}{'median ms':>10}{'speed-up':>10}{'params':>10}")
     for name, t, n in rows:
         print(f"  {name:<48}{t * 1e3:>10.1f}{dense / t:>10.2f}{n / 1e9:>9.2f}B")
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "semistructured_speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("semistructured_speed.json")
     out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "args": vars(args),
                                "rows": [{"model": n, "median_s": t, "speedup": dense / t, "params": k}
                                         for n, t, k in rows]}, indent=2))

@@ -15,9 +15,7 @@ provenance.
 import argparse
 import copy
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -25,6 +23,7 @@ from chop.models.loading import load_model, load_tokenizer
 from chop.provenance import provenance
 from chop.pruning.prune_cli import Text, blocks, perplexity
 from chop.pruning.registry import pruner_from
+from common import result_path
 
 
 def arms(a: argparse.Namespace) -> dict[str, tuple[str, dict]]:
@@ -78,8 +77,7 @@ def main() -> None:
     results = {"provenance": provenance(a.model, data), "settings": vars(a), "dense_ppl": perplexity(dense, held),
                "runs": []}
     suffix = "" if a.part == "all" else f"_{a.part}"
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / f"surgeon_quality{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path(f"surgeon_quality{suffix}.json")
     print(f"dense held-out perplexity {results['dense_ppl']:.2f}", flush=True)
     print(f"{'method':<34}{'sparsity':>9}{'ppl':>12}{'seconds':>9}")
     for name, (part, settings) in arms(a).items():

@@ -19,12 +19,11 @@ pass as well, so a run cut off within a shot still says how long a pass takes an
 import argparse
 import logging
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 from gpu_clock import timed
+from common import result_path
 
 
 def linear_dims(hidden: int, mlp: int, layers: int, kv: int, heads: int) -> list[tuple[int, int]]:
@@ -129,8 +128,7 @@ def main() -> None:
     print(f"\nLLM Surgeon on {torch.cuda.get_device_name()}")
     for k, v in rows:
         print(f"  {k:<55}{v:>12}")
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "surgeon_speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("surgeon_speed.json")
     out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "args": vars(args), "params": n_params,
                                "fb_s": fb, "collect_s": collect, "invert_s": invert, "shot_s": shot,
                                "factors_gib": factor_gib, "peak_gib": peak, "llama2_7b_shot_s": per_shot_7b,
@@ -147,8 +145,7 @@ def measured_7b(args, model, batches, n_params: int, fb: float) -> None:
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "surgeon_speed_7b.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("surgeon_speed_7b.json")
     record = {"provenance": provenance(None, {"tokens": "random ids", "samples": args.samples, "seq": args.seq}),
               "args": vars(args), "params": n_params, "fb_s": fb, "fb_note": "one run, no warm-up before it",
               "passes": [], "shots": [], "complete": False}

@@ -15,7 +15,7 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
+from common import result_path
 
 
 def main() -> None:
@@ -58,8 +58,7 @@ def main() -> None:
               "garbage_collector": "off",
               "shortcut_taken": taken, "same_tokens": same, "seconds": times,
               "median_s": medians, "speedup": medians["whole"] / medians["shortcut"]}
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "tokenise_speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("tokenise_speed.json")
     out.write_text(json.dumps(record, indent=2))
 
 

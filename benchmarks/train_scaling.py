@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import result_path
 
 PEAK = 989e12
 LLAMA = dict(model_type="llama", hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
@@ -117,8 +118,7 @@ def main() -> None:
            "data": {"corpus": a.corpus, "split": "train", "documents": docs, "files": a.parts},
            "settings": {k: getattr(a, k) for k in ("steps", "warmup", "batch", "seq")},
            "strategy": "FSDP full shard, LlamaDecoderLayer units, bf16-mixed", "runs": []}
-    dest = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "train_scaling_h200.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = result_path("train_scaling_h200.json")
     print(f"{out['gpu']} x {out['gpus']}, commit {commit[:8]}, corpus {docs} documents in {a.parts} files")
     print(f"{'arm':<9}{'GPUs':>5}{'tokens/s':>12}{'per GPU':>10}{'scaling':>9}{'MFU':>7}{'GiB':>6}  files opened per worker")
     for arm in a.arms:

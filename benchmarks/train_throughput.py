@@ -19,7 +19,6 @@ Prints a table and writes train_throughput.json ($OUT, else benchmarks/results/)
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from common import result_path
 
 LLAMA_1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048,
@@ -248,8 +248,7 @@ def write(results: dict) -> None:
     for r in results["variants"].values():
         if base and "tokens_per_s" in r:
             r["vs_plain_compiled"] = r["tokens_per_s"] / base
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "train_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("train_throughput.json")
     out.write_text(json.dumps(results, indent=2))
 
 
