@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Any, ContextManager, Literal, Optional
+from typing import Any, ContextManager, Literal, Optional, get_args
 
 import torch
 
@@ -51,8 +51,8 @@ def check_kernels(kernels: str, config: Any, field: str = "model.kernels") -> No
     """Refuse, before any weights load, kernels that cannot run here: not installed, or not written for the model."""
     if kernels == "torch":
         return
-    if kernels != "liger":
-        raise ValueError(f"{field}: '{kernels}' is not one of ['torch', 'liger']")
+    if kernels not in get_args(Kernels):
+        raise ValueError(f"{field}: '{kernels}' is not one of {list(get_args(Kernels))}")
     if importlib.util.find_spec("liger_kernel") is None:
         raise ValueError(f"{field}: 'liger' needs the liger-kernel package, which is not installed: "
                          f"`pip install liger-kernel` (Triton, CUDA GPUs), or set {field}: torch")

@@ -11,7 +11,7 @@ training (under autocast) sees the bf16 stream too; the export is a plain transf
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import torch
 
@@ -22,8 +22,8 @@ def check_residual_dtype(residual_dtype: str, precision: Optional[Any] = None,
                          field: str = "model.residual_dtype") -> None:
     """Refuse, before any weights load, a dtype that is not one, and (given the trainer's ``precision``) a bfloat16
     residual stream without bf16 autocast to cast it to."""
-    if residual_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"{field}: '{residual_dtype}' is not one of ['float32', 'bfloat16']")
+    if residual_dtype not in get_args(ResidualDtype):
+        raise ValueError(f"{field}: '{residual_dtype}' is not one of {list(get_args(ResidualDtype))}")
     if residual_dtype == "bfloat16" and precision is not None and str(precision) != "bf16-mixed":
         raise ValueError(f"{field}: 'bfloat16' keeps the residual stream in bf16 autocast's dtype, and "
                          f"trainer.precision is '{precision}', which runs no bf16 autocast; set trainer.precision: "
