@@ -3,10 +3,12 @@ scalars, `chop fit` argument lists and subprocess runs, and callbacks that tests
 (``--trainer.callbacks+=helpers.X``)."""
 
 import hashlib
+import importlib.machinery
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -91,6 +93,15 @@ TINY = {
 }
 
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "far", "away", "and", "then", "it", "was", "good"]
+
+
+def fake_liger(monkeypatch, model_types):
+    """A stand-in for an installed liger-kernel that has kernels for ``model_types`` (none of them callable)."""
+    for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["liger_kernel.transformers.monkey_patch"].MODEL_TYPE_TO_APPLY_LIGER_FN = dict.fromkeys(model_types)
 
 
 def make_tokenizer(path: Path, n_doc_ids: int = 1000) -> Path:

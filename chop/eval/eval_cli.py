@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from chop.eval.engine import Encoder, Scorer, token_cache
 from chop.eval.suite import evaluate, no_gc, scored_pairs, table, to_json
 from chop.eval.tasks import get, load_docs
-from chop.models.kernels import Kernels, apply_kernels, check_device, check_kernels
+from chop.models.kernels import Kernels, apply_kernels, check_device, check_installed, check_kernels
 
 
 class Clock:
@@ -65,7 +65,7 @@ def load(model: str, dtype: str, device: str, kernels: Kernels = "torch") -> Pre
     """The model of an HF directory, a hub id (offline copies as everywhere in chop) or a ``.ckpt``, on ``device``,
     with ``kernels``; on a GPU after one small forward, which sets up CUDA, cuBLAS and the attention kernels (seconds,
     the first time)."""
-    from chop.models.loading import DTYPES, load_model
+    from chop.models.loading import DTYPES, load_config, load_model
 
     if model.endswith(".ckpt"):
         from chop.models.checkpoint import model_from_checkpoint
@@ -73,6 +73,7 @@ def load(model: str, dtype: str, device: str, kernels: Kernels = "torch") -> Pre
         net = model_from_checkpoint(model, "--model")[0].to(DTYPES[dtype])
         check_kernels(kernels, net.config, "--kernels")  # a checkpoint's model type is known once it is read
     else:
+        check_kernels(kernels, load_config(model), "--kernels")  # before the weights load
         net = load_model(model, dtype=dtype)
     net = net.to(device).eval()
     apply_kernels(net, kernels)
@@ -96,19 +97,17 @@ def check_output(output: str) -> None:
         raise PermissionError(f"--output: the folder '{path.parent}' is not writable; choose another file")
 
 
-def check_kernels_for(kernels: str, mode: str, model: str, device: str) -> None:
-    """Refuse, before anything loads, fused kernels in exact mode (they change the bits), off a CUDA GPU, without
-    liger-kernel, or for a model type it has no kernels for (a ``.ckpt``'s type is checked once it is read)."""
+def check_kernels_for(kernels: str, mode: str, device: str) -> None:
+    """Refuse, before anything loads, fused kernels in exact mode (they change the bits), off a CUDA GPU, or without
+    liger-kernel. Whether it has kernels for the model's type is asked as the model loads (``load``): that imports
+    liger-kernel, seconds that there run beside the reading and tokenising of the documents, not before them."""
     if kernels == "torch":
         return
     if mode != "fast":
         raise ValueError(f"--kernels: '{kernels}' changes the arithmetic, and --mode exact keeps lm-eval's numbers bit "
                          f"for bit; use --mode fast with it, or leave --kernels torch")
     check_device(kernels, torch.device(device), "--kernels")
-    if not model.endswith(".ckpt"):
-        from chop.models.loading import load_config
-
-        check_kernels(kernels, load_config(model), "--kernels")
+    check_installed(kernels, "--kernels")
 
 
 def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch_size: Union[int, str] = "auto",
@@ -147,7 +146,7 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
 
     if dtype not in (*DTYPES, "bf16-mixed"):
         raise ValueError(f"--dtype: '{dtype}' is not one of {[*DTYPES, 'bf16-mixed']}")
-    check_kernels_for(kernels, mode, model, device)
+    check_kernels_for(kernels, mode, device)
     mixed = dtype == "bf16-mixed"
     clock, start_up = Clock(), since_process_start()
     tokenizer_dir, chosen = tokenizer_name(model), get(tasks)

@@ -47,8 +47,8 @@ def check_sdpa_backend(first: Optional[str], attn_implementation: Optional[str],
                          f"'{attn_implementation}'; set model.attn_implementation: sdpa, or leave {field} unset")
 
 
-def check_kernels(kernels: str, config: Any, field: str = "model.kernels") -> None:
-    """Refuse, before any weights load, kernels that cannot run here: not installed, or not written for the model."""
+def check_installed(kernels: str, field: str = "model.kernels") -> None:
+    """Refuse an unknown kernel set, or liger's where liger-kernel is not installed; without importing it (seconds)."""
     if kernels == "torch":
         return
     if kernels not in get_args(Kernels):
@@ -56,6 +56,14 @@ def check_kernels(kernels: str, config: Any, field: str = "model.kernels") -> No
     if importlib.util.find_spec("liger_kernel") is None:
         raise ValueError(f"{field}: 'liger' needs the liger-kernel package, which is not installed: "
                          f"`pip install liger-kernel` (Triton, CUDA GPUs), or set {field}: torch")
+
+
+def check_kernels(kernels: str, config: Any, field: str = "model.kernels") -> None:
+    """Refuse, before any weights load, kernels that cannot run here: not installed (``check_installed``), or not
+    written for the model (which imports liger-kernel)."""
+    check_installed(kernels, field)
+    if kernels == "torch":
+        return
     model_type = config.get_text_config().model_type
     supported = _liger_models()
     if model_type not in supported:

@@ -2,26 +2,15 @@
 load (CPU); on a GPU liger's kernels give the torch path's loss and gradients, and cuDNN's attention flash attention's,
 to bf16 rounding."""
 
-import importlib.machinery
 import sys
-import types
 
 import lightning as L
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, fake_liger
 
 from chop.models import kernels
 from chop.training.pretrain import ContinuedPretraining
-
-
-def fake_liger(monkeypatch, model_types):
-    """A stand-in for an installed liger-kernel that has kernels for ``model_types`` (none of them callable)."""
-    for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        monkeypatch.setitem(sys.modules, name, module)
-    sys.modules["liger_kernel.transformers.monkey_patch"].MODEL_TYPE_TO_APPLY_LIGER_FN = dict.fromkeys(model_types)
 
 
 def test_liger_not_installed_is_refused_with_the_fix(monkeypatch):
