@@ -8,6 +8,7 @@ definitions. Needs ``lm_eval`` (``pip install lm_eval==0.4.13``); chop itself do
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import cache
 from typing import Any, Iterator, Optional
 
 from chop.eval.tasks import get, load_docs
@@ -39,6 +40,16 @@ def lm_eval_reads(tasks: list[str], data_dir: Optional[str] = None, limit: Optio
         datasets.load_dataset = real
 
 
+@cache
+def task_manager() -> Any:
+    """lm-eval's index of its task definitions, built once a process: it reads all of its thousands of YAML files
+    (17 s on 2 CPUs), which ``simple_evaluate`` would otherwise do again at every call. Without the model's arguments
+    as metadata, which ``simple_evaluate`` attaches to the tasks it indexes itself and chop's tasks do not read."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def run_lm_eval(model_dir: str, tasks: list[str], limit: Optional[int] = None, data_dir: Optional[str] = None,
                 batch_size: Any = 64, dtype: str = "float32", device: str = "cpu",
                 trust_remote_code: bool = False) -> dict[str, Any]:
@@ -50,7 +61,7 @@ def run_lm_eval(model_dir: str, tasks: list[str], limit: Optional[int] = None, d
     with lm_eval_reads(tasks, data_dir, limit):
         return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks,
                                        num_fewshot=0, limit=limit, batch_size=batch_size, device=device,
-                                       log_samples=True, bootstrap_iters=0)
+                                       log_samples=True, bootstrap_iters=0, task_manager=task_manager())
 
 
 def samples_of(result: dict[str, Any], task: str) -> list[dict[str, Any]]:
