@@ -73,7 +73,8 @@ def load(model: str, dtype: str, device: str, kernels: Kernels = "torch") -> Pre
         net = model_from_checkpoint(model, "--model")[0].to(DTYPES[dtype])
         check_kernels(kernels, net.config, "--kernels")  # a checkpoint's model type is known once it is read
     else:
-        check_kernels(kernels, load_config(model), "--kernels")  # before the weights load
+        if kernels != "torch":  # the config read only where there is something to check, before the weights load
+            check_kernels(kernels, load_config(model), "--kernels")
         net = load_model(model, dtype=dtype)
     net = net.to(device).eval()
     apply_kernels(net, kernels)
