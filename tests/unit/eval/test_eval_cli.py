@@ -28,7 +28,6 @@ def test_fused_kernels_are_refused_off_a_gpu(nothing_loads):
         eval_cli.run("no/such-model", tasks="copa", kernels="liger", mode="fast", device="cpu")
 
 
-
 def test_a_model_type_liger_lacks_is_refused_as_the_model_loads_before_its_weights(monkeypatch, tmp_path):
     """Asked in the loading thread, not before the clock starts: it imports liger-kernel (seconds, which there run
     beside the reading and tokenising of the documents)."""
