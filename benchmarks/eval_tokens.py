@@ -46,17 +46,18 @@ def floor(model, tokenizer, pairs) -> dict[str, dict]:
     return out
 
 
-def batches(widths: list[int]) -> dict[str, int]:
+def batches(widths: list[int]) -> dict:
     """The batches of auto batch size at a budget of ``MAX_BATCH_TOKENS`` (an H100's or H200's: their free memory holds
-    more), and how many of them differ in rows: each number of rows compiles liger's rotary kernel once more on a
-    machine's first run (liger 0.8.5 takes the batch size as a compile-time constant)."""
+    more), how many of them differ in rows (liger 0.8.5's rotary kernel takes the batch size as a compile-time
+    constant: a compilation for each, unless chop runs it as one row), and each one's shape, [rows, width]
+    (``benchmarks/rope_batches.py`` runs the rotary kernel on them)."""
     from chop.eval.engine import MAX_BATCH_TOKENS, rows_in_batch
 
-    start, sizes = 0, []
+    start, shapes = 0, []
     while start < len(widths):
-        sizes.append(rows_in_batch(widths, start, MAX_BATCH_TOKENS, fixed=False))
-        start += sizes[-1]
-    return {"batches": len(sizes), "distinct_rows_per_batch": len(set(sizes))}
+        shapes.append([rows_in_batch(widths, start, MAX_BATCH_TOKENS, fixed=False), widths[start]])
+        start += shapes[-1][0]
+    return {"batches": len(shapes), "distinct_rows_per_batch": len({r for r, _ in shapes}), "shapes": shapes}
 
 
 def main() -> None:
