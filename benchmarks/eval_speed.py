@@ -15,13 +15,14 @@ reports per task its |Δ log-likelihood| from float32 against exact bf16's (``ch
 more in float32 and says how far each bf16 run is from it; more than one ``--lm_eval_batch`` reruns lm-eval at those
 batch sizes and says whether its own numbers change. ``--llama_1b`` adds a random-init Llama of about 1B parameters
 (hidden 2048, 16 layers, MLP 8192, the model's tokenizer), the compute-bound case (``--only_1b``: that alone).
-``--token_cache cold`` starts each timed chop run without chop's token cache (a machine's first run; the fast run is
-then timed again with the cache it left). Prints a table and writes
+``--token_cache cold`` starts each timed chop run without chop's token cache and with an empty Triton cache (a
+machine's first run; the fast run is then timed again with the caches it left). Prints a table and writes
 eval_speed.json (to $OUT, else benchmarks/results/).
 """
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -51,12 +52,15 @@ def data_dir(args) -> list[str]:
 
 def run_chop(model_dir: str, args, dtype: str, share: bool = False, limit: Optional[int] = None,
              cache: Optional[str] = None) -> tuple[dict, float]:
-    """One timed ``chop eval``; ``cache`` (default ``--token_cache``): ``cold`` empties chop's token cache first."""
+    """One timed ``chop eval``; ``cache`` (default ``--token_cache``): ``cold`` empties chop's token cache first and
+    gives this run and the ones after it an empty Triton cache (liger's kernels compiled anew), as a machine's first
+    run finds them."""
     out, limit = TMP / "chop.json", limit or args.limit
     if (cache or args.token_cache) == "cold":
         from chop.eval.engine import token_cache
 
         shutil.rmtree(token_cache(), ignore_errors=True)
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=TMP)
     cmd = [sys.executable, "-m", "chop", "eval", "--model", model_dir, "--tasks", args.tasks, *data_dir(args),
            "--dtype", dtype, "--device", args.device, "--samples", "true", "--output", str(out),
            "--mode", "fast" if share else "exact"] + (["--limit", str(limit)] if limit else [])

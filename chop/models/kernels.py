@@ -10,8 +10,10 @@ kernel per chunk of tokens, no ``[tokens, vocab]`` logits. The same arithmetic t
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
-from typing import Any, ContextManager, Literal, Optional, get_args
+import sys
+from typing import Any, Callable, ContextManager, Literal, Optional, get_args
 
 import torch
 
@@ -86,7 +88,8 @@ def check_device(kernels: str, device: torch.device, field: str = "model.kernels
 def apply_kernels(model: Any, kernels: str) -> None:
     """Swap ``model``'s RMSNorm, rotary embeddings and MLP for fused kernels, in place (the weights stay; state dict
     keys and exports are unchanged). liger patches the rotary function of the model's transformers module, so other
-    models of the same architecture in this process (a teacher) get it too: the same arithmetic."""
+    models of the same architecture in this process (a teacher) get it too: the same arithmetic; chop then has it
+    take each batch as one row (``rope_as_one_row``)."""
     if kernels == "torch":
         return
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
@@ -94,6 +97,27 @@ def apply_kernels(model: Any, kernels: str) -> None:
     # The loss is chop's (fused_cross_entropy below), not a patched forward's.
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
+    module = sys.modules.get(type(model).__module__)
+    rope = getattr(module, "apply_rotary_pos_emb", None)
+    if getattr(rope, "__name__", None) == "liger_rotary_pos_emb":  # liger's, just set (not already wrapped)
+        module.apply_rotary_pos_emb = functools.partial(rope_as_one_row, rope)
+
+
+def rope_as_one_row(rope: Callable, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    position_ids: Any = None, unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """liger's rotary function ``rope`` on ``q`` and ``k`` (batch, heads, tokens, head dim) with the batch's rows laid
+    end to end as one: its Triton kernel takes the batch size as a compile-time constant, so each new size is a new
+    compilation, and evaluation's length-packed batches have dozens of sizes (38 on the suite)."""
+    b, n = q.shape[0], q.shape[2]
+    if b == 1 or cos.dim() != 3 or unsqueeze_dim != 1:  # (Llama's layout: cos and sin (batch or 1, tokens, dim))
+        return rope(q, k, cos, sin, position_ids, unsqueeze_dim)
+
+    def fold(x: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:  # a view where x is HF's (projection, transposed)
+        return x.transpose(1, 2).reshape(rows, tokens, x.shape[1], x.shape[3]).transpose(1, 2)
+
+    cos, sin = (c.expand(b, n, c.shape[-1]).reshape(1, b * n, c.shape[-1]) for c in (cos, sin))
+    q, k = rope(fold(q, 1, b * n), fold(k, 1, b * n), cos, sin, None, unsqueeze_dim)
+    return fold(q, b, n), fold(k, b, n)
 
 
 def fused_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear,

@@ -8,9 +8,13 @@ import lightning as L
 import pytest
 import torch
 from helpers import TINY, fake_liger
+from transformers.models.llama import modeling_llama
 
 from chop.models import kernels
 from chop.training.pretrain import ContinuedPretraining
+
+# Llama's own rotary function, taken before any test applies liger's kernels (which replace it for the process).
+HF_ROPE = modeling_llama.apply_rotary_pos_emb
 
 
 def test_liger_not_installed_is_refused_with_the_fix(monkeypatch):
@@ -44,12 +48,14 @@ def test_liger_on_the_cpu_is_refused_before_the_model_loads(monkeypatch, tmp_pat
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,residual", [("pretraining", "float32"), ("distillation", "float32"),
                                            ("pretraining", "bfloat16")])
-def test_liger_gives_the_torch_loss_and_gradients_on_a_gpu(kind, residual):
+def test_liger_gives_the_torch_loss_and_gradients_on_a_gpu(kind, residual, monkeypatch):
     """Both paths from the same weights, under bf16 autocast with float32 weights as `chop fit` trains: the same loss
     and the same gradient of every parameter, to bf16 rounding; also with liger's path on a bf16 residual stream
-    (``model.residual_dtype``: its RMSNorm then reads bf16 with float32 weights). (torch first: liger patches Llama's
-    rotary function for the whole process.)"""
+    (``model.residual_dtype``: its RMSNorm then reads bf16 with float32 weights). (torch first, with Llama's own rotary
+    function: liger's replaces it for the whole process.)"""
     from chop.training.distill import Distillation
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", HF_ROPE)
 
     cfg = dict(TINY["llama"], hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                vocab_size=32000, max_position_embeddings=512)
@@ -73,6 +79,63 @@ def test_liger_gives_the_torch_loss_and_gradients_on_a_gpu(kind, residual):
     for name, g in grads_t.items():
         rel = ((grads_l[name] - g).norm() / g.norm()).item()
         assert rel < 3e-2, f"{name}: relative gradient difference {rel:.3g}"
+
+
+def _hf_layout(batch: int, tokens: int, heads: int, dim: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Queries or keys as a Hugging Face attention hands them to the rotary function: the projection's (batch, tokens,
+    heads, dim), transposed to (batch, heads, tokens, dim)."""
+    return torch.randn(batch, tokens, heads, dim, dtype=dtype, device=device).transpose(1, 2)
+
+
+@pytest.mark.parametrize("cos_rows", [1, 3])
+def test_rope_given_the_batch_as_one_row_rotates_every_token_as_the_batch(cos_rows):
+    """liger's rotary kernel is compiled anew for each batch size, so chop hands it every batch as one row, the rows
+    end to end (``rope_as_one_row``); each token must come out as the batch's own call rotates it, whether the cos and
+    sin are per row (packed positions) or one for all rows."""
+    torch.manual_seed(0)
+    q, k = _hf_layout(3, 7, 4, 8), _hf_layout(3, 7, 2, 8)
+    cos, sin = torch.randn(cos_rows, 7, 8), torch.randn(cos_rows, 7, 8)
+    batches = []
+
+    def rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        batches.append((q.shape[0], k.shape[0], cos.shape[0]))
+        return HF_ROPE(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    want = HF_ROPE(q, k, cos, sin)
+    got = kernels.rope_as_one_row(rope, q, k, cos, sin)
+    assert batches == [(1, 1, 1)]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_liger_rope_compiles_once_for_batches_of_any_size(monkeypatch):
+    """Evaluation's batches come in dozens of sizes (38 on the suite): after ``apply_kernels`` liger's rotary kernel
+    is compiled for the first and serves the rest (Triton specialises the row count on divisibility by 16: at most
+    two compilations), and rotates as torch's function does to bf16 rounding."""
+    from liger_kernel.ops.rope import _triton_rope
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", HF_ROPE)  # restored after: liger patches the module
+    config = LlamaConfig(**dict(TINY["llama"], num_attention_heads=8, num_key_value_heads=2, hidden_size=256))
+    model = LlamaForCausalLM(config).cuda().to(torch.bfloat16)
+    kernels.apply_kernels(model, "liger")
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for cache in _triton_rope.device_caches.values())
+
+    before = compiled()
+    for rows, tokens in ((1, 16), (2, 33), (3, 40), (5, 17), (7, 64), (12, 23)):
+        q, k = (_hf_layout(rows, tokens, h, 32, torch.bfloat16, "cuda") for h in (8, 2))
+        positions = torch.randint(0, 500, (rows if rows % 2 else 1, tokens), device="cuda")
+        cos, sin = model.model.rotary_emb(q, positions)
+        want = HF_ROPE(q, k, cos, sin)
+        got = modeling_llama.apply_rotary_pos_emb(q.clone(), k.clone(), cos, sin)  # liger's rotates in place
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1.6e-2, atol=1e-2)
+    assert compiled() - before <= 2, f"{compiled() - before} compilations for 6 batch sizes"
 
 
 @pytest.mark.parametrize("compile_", [False, True])
