@@ -92,11 +92,9 @@ def apply_kernels(model: Any, kernels: str) -> None:
     take each batch as one row (``rope_as_one_row``)."""
     if kernels == "torch":
         return
-    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-
+    patch = liger("liger_kernel.transformers.monkey_patch")._apply_liger_kernel_to_instance
     # The loss is chop's (fused_cross_entropy below), not a patched forward's.
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+    patch(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
     module = sys.modules.get(type(model).__module__)
     rope = getattr(module, "apply_rotary_pos_emb", None)
     if getattr(rope, "__name__", None) == "liger_rotary_pos_emb":  # liger's, just set (not already wrapped)
@@ -124,13 +122,24 @@ def fused_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch
                         softcap: Optional[float] = None, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of ``head(hidden)`` against ``targets`` in liger's fused linear cross-entropy kernel (float32
     accumulation; the logits never exist whole)."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="mean", softcap=softcap)
+    loss = liger("liger_kernel.transformers").LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index,
+                                                                               reduction="mean", softcap=softcap)
     return loss(head.weight, hidden.flatten(0, -2), targets.flatten(), head.bias)
 
 
 def _liger_models() -> set[str]:
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    return set(liger("liger_kernel.transformers.monkey_patch").MODEL_TYPE_TO_APPLY_LIGER_FN)
 
-    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+def liger(module: str) -> Any:
+    """liger-kernel's ``module``, imported without peft: liger imports peft where it is installed, only to recognise
+    PEFT-wrapped modules, which chop never builds, and that import was 1.1 of the 1.9 s liger's import took in `chop
+    eval`'s model loading on an H200 machine (``benchmarks/liger_import.py``). peft stays importable afterwards."""
+    hide = "peft" not in sys.modules and "liger_kernel.utils" not in sys.modules  # not imported yet, by anyone
+    if hide:
+        sys.modules["peft"] = None  # `import peft` then raises ImportError: liger's PEFT_AVAILABLE is False
+    try:
+        return importlib.import_module(module)
+    finally:
+        if hide and "peft" in sys.modules and sys.modules["peft"] is None:
+            del sys.modules["peft"]

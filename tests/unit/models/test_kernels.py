@@ -138,6 +138,25 @@ def test_liger_rope_compiles_once_for_batches_of_any_size(monkeypatch):
     assert compiled() - before <= 2, f"{compiled() - before} compilations for 6 batch sizes"
 
 
+def test_liger_is_imported_without_peft_and_leaves_peft_importable(monkeypatch, tmp_path):
+    """liger-kernel imports peft where installed (a second of `chop eval`'s loading) only to recognise PEFT-wrapped
+    modules: ``kernels.liger`` imports a module whose `import peft` then fails, and peft imports as before after."""
+    (tmp_path / "peft.py").write_text("LOADED = True\n")
+    (tmp_path / "liger_probe.py").write_text("try:\n    import peft\n    PEFT_AVAILABLE = True\n"
+                                             "except ImportError:\n    PEFT_AVAILABLE = False\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("peft", "liger_probe", "liger_kernel.utils"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert kernels.liger("liger_probe").PEFT_AVAILABLE is False
+    assert "peft" not in sys.modules
+    import peft
+
+    assert peft.LOADED
+    monkeypatch.delitem(sys.modules, "liger_probe")
+    assert kernels.liger("liger_probe").PEFT_AVAILABLE is True  # imported by then: nothing hidden
+    monkeypatch.delitem(sys.modules, "peft")
+
+
 @pytest.mark.parametrize("compile_", [False, True])
 def test_under_compile_liger_keeps_only_its_cross_entropy(monkeypatch, compile_):
     """liger's module kernels break torch.compile's graphs (measured slower than either alone): with `compile` the
