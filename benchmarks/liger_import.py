@@ -31,7 +31,8 @@ def main() -> None:
     args = p.parse_args()
     from chop.provenance import provenance
 
-    subprocess.run([sys.executable, "-c", PROBE.format(way=WAYS["plain"])], check=True, stdout=subprocess.DEVNULL)  # untimed
+    # Untimed: bytecode compiled, files in the page cache.
+    subprocess.run([sys.executable, "-c", PROBE.format(way=WAYS["plain"])], check=True, stdout=subprocess.DEVNULL)
     runs = {way: [] for way in WAYS}
     for _ in range(args.repeats):
         for way, code in WAYS.items():
