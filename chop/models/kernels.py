@@ -110,7 +110,7 @@ def rope_as_one_row(rope: Callable, q: torch.Tensor, k: torch.Tensor, cos: torch
     if b == 1 or cos.dim() != 3 or unsqueeze_dim != 1:  # (Llama's layout: cos and sin (batch or 1, tokens, dim))
         return rope(q, k, cos, sin, position_ids, unsqueeze_dim)
 
-    def fold(x: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:  # a view where x is HF's (projection, transposed)
+    def fold(x: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:  # a view, for HF's layout (a transposed view)
         return x.transpose(1, 2).reshape(rows, tokens, x.shape[1], x.shape[3]).transpose(1, 2)
 
     cos, sin = (c.expand(b, n, c.shape[-1]).reshape(1, b * n, c.shape[-1]) for c in (cos, sin))
