@@ -127,3 +127,27 @@ def test_the_gradient_enters_at_the_first_layer_whose_curvature_is_gathered():
     together = kfac.collect(model, every, [ids])
     for name in mine:
         assert torch.allclose(alone[name].A, together[name].A) and torch.allclose(alone[name].G, together[name].G)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_an_input_that_layers_share_has_its_moment_computed_once(monkeypatch, model_type):
+    """q, k and v read one tensor, as do gate and up: its moment is computed once a batch, and each layer's A is its
+    own copy of it (equal, not the same tensor). qwen2's q, k and v have biases: the ones column is shared too."""
+    torch.manual_seed(0)
+    model = load_model(config=TINY[model_type]).double()
+    layers = linears(model)
+    sizes, moment = [], kfac._moment
+    monkeypatch.setattr(kfac, "_moment", lambda x, device: sizes.append(x.shape[-1]) or moment(x, device))
+    batches = [torch.randint(2, 128, (2, 9)), torch.randint(2, 128, (2, 9))]
+    factors = kfac.collect(model, layers, batches)
+    blocks, per_block = model.config.num_hidden_layers, 4 + 7  # inputs: q/k/v, o, gate/up, down; outputs: all seven
+    assert len(layers) == 7 * blocks and len(sizes) == 2 * blocks * per_block
+    for block in range(blocks):
+        q, k, v = (factors[f"model.layers.{block}.self_attn.{n}_proj"].A for n in "qkv")
+        gate, up = (factors[f"model.layers.{block}.mlp.{n}_proj"].A for n in ("gate", "up"))
+        assert torch.equal(q, k) and torch.equal(q, v) and torch.equal(gate, up)
+        assert len({t.data_ptr() for t in (q, k, v, gate, up)}) == 5
+    for name in ("model.layers.1.self_attn.v_proj", "model.layers.1.mlp.up_proj"):  # as when gathered alone
+        alone = kfac.collect(model, {name: layers[name]}, batches)[name]
+        torch.testing.assert_close(factors[name].A, alone.A, rtol=1e-12, atol=0)
+        torch.testing.assert_close(factors[name].G, alone.G, rtol=1e-9, atol=0)
