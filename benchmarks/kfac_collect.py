@@ -34,16 +34,18 @@ def worker(args) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    gpu = args.device.startswith("cuda")
     model = load_model(config=dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.mlp,
                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                    num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                                   max_position_embeddings=args.seq)).to(args.device)
+                                   max_position_embeddings=args.seq),
+                       dtype=args.dtype, init_device=args.device if gpu else None).to(args.device)
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
                for _ in range(args.batches)]
     layers = linears(model)
 
     def sync() -> None:
-        if args.device.startswith("cuda"):
+        if gpu:
             torch.cuda.synchronize()
 
     def plain() -> None:
@@ -68,10 +70,12 @@ def worker(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--baseline", help="a commit to compare with (checked out in a temporary git worktree)")
+    p.add_argument("--baseline", help="a commit to compare with (checked out in a temporary git worktree), or the "
+                   "folder of another checkout")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's weights")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
@@ -86,14 +90,14 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    from chop.provenance import commit, provenance
-
-    trees = {"this checkout": ROOT}
-    if args.baseline:
-        tree = Path(tempfile.mkdtemp()) / "baseline"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline], check=True,
+    trees, made = {"this checkout": ROOT}, None
+    if args.baseline and Path(args.baseline).is_dir():
+        trees[f"baseline {args.baseline}"] = Path(args.baseline).resolve()
+    elif args.baseline:
+        made = Path(tempfile.mkdtemp()) / "baseline"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(made), args.baseline], check=True,
                        capture_output=True)
-        trees[f"baseline {args.baseline}"] = tree
+        trees[f"baseline {args.baseline}"] = made
     flags = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("baseline", "repeats", "worker")]
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     try:
@@ -105,23 +109,33 @@ def main() -> None:
                 runs[name].append(json.loads(out))
                 if Path(runs[name][-1].pop("chop")) != tree.resolve():
                     raise RuntimeError(f"{name}: the worker imported another chop than {tree}'s")
+            save(args, runs)  # after every round: a run cut off keeps the rounds it finished
     finally:
-        if args.baseline:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False,
+        if made:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(made)], check=False,
                            capture_output=True)
-    median = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
-    shape = {k: getattr(args, k) for k in ("hidden", "mlp", "layers", "heads", "kv_heads", "vocab")}
-    data = {"calibration": f"{args.batches} batches of {args.batch} x {args.seq} random token ids"}
-    note = f"random-init Llama {shape}, float32; this checkout is {commit()}"
-    out = result_path("kfac_collect.json")
-    out.write_text(json.dumps({"provenance": provenance(None, data, note=note), "device": device, "shape": shape,
-                               "median": median, "runs": runs}, indent=2))
-    print(f"K-FAC curvature over {data['calibration']}, {device}, medians of {args.repeats}:")
+    median = save(args, runs)
+    print(f"K-FAC curvature over {args.batches} batches of {args.batch} x {args.seq} random token ids, "
+          f"{json.loads(result_path('kfac_collect.json').read_text())['device']}, medians of {args.repeats}:")
     print("| chop | forward+backward | collect | hooks |\n|---|---:|---:|---:|")
     for name, m in median.items():
         print(f"| {name} | {m['fb_s']:.2f} s | {m['collect_s']:.2f} s | {m['hooks_s']:.2f} s |")
-    print(f"written to {out}")
+    print(f"written to {result_path('kfac_collect.json')}")
+
+
+def save(args, runs: dict[str, list[dict]]) -> dict:
+    """Write the runs so far and their medians; the medians."""
+    from chop.provenance import commit, provenance
+
+    median = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items() if rs}
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    shape = {k: getattr(args, k) for k in ("hidden", "mlp", "layers", "heads", "kv_heads", "vocab", "dtype")}
+    data = {"calibration": f"{args.batches} batches of {args.batch} x {args.seq} random token ids"}
+    note = f"random-init Llama {shape}; this checkout is {commit()}"
+    result_path("kfac_collect.json").write_text(json.dumps({"provenance": provenance(None, data, note=note),
+                                                            "device": device, "shape": shape, "median": median,
+                                                            "runs": runs}, indent=2))
+    return median
 
 
 if __name__ == "__main__":
