@@ -86,9 +86,10 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
     """
     sums: dict[str, list] = {name: [None, None] for name in layers}
     count = [0]
-    # The last input's moment, with that input (held, so that no other tensor can take its place): q, k and v read
-    # the same tensor, as do gate and up, and their A is computed once (about a tenth of the hooks' work).
-    last: list = [None, None, None]
+    # The last input (held, so that no other tensor can take its place), whether a ones column was added, its version
+    # (in-place writes bump it) and its moment: q, k and v read the same tensor, as do gate and up, and their A is
+    # computed once (about a tenth of the hooks' work).
+    last: list = [None, None, None, None]
 
     def accumulate(name: str, i: int, moment: torch.Tensor) -> None:
         sums[name][i] = moment.clone() if sums[name][i] is None else sums[name][i].add_(moment)
@@ -96,10 +97,10 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
     def forward_hook(name: str):
         def fn(module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
             a, bias = args[0], module.bias is not None
-            if last[0] is not a or last[1] != bias:
+            if last[0] is not a or last[1] != bias or last[2] != a._version:
                 x = torch.cat([a, torch.ones_like(a[..., :1])], -1) if bias else a
-                last[:] = a, bias, _moment(x, device)
-            accumulate(name, 0, last[2])
+                last[:] = a, bias, a._version, _moment(x, device)
+            accumulate(name, 0, last[3])
             if output.requires_grad:
                 output.register_hook(lambda grad: accumulate(name, 1, _moment(grad, device)))
         return fn
@@ -137,7 +138,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
                 F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
                 count[0] += inputs.numel()
     finally:
-        last[:] = None, None, None
+        last[:] = None, None, None, None
         for h in handles:
             h.remove()
         for p in trainable:

@@ -116,7 +116,6 @@ def test_liger_rope_compiles_once_for_batches_of_any_size(monkeypatch):
     two compilations), and rotates as torch's function does to bf16 rounding."""
     from liger_kernel.ops.rope import _triton_rope
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama import modeling_llama
 
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", HF_ROPE)  # restored after: liger patches the module
     config = LlamaConfig(**dict(TINY["llama"], num_attention_heads=8, num_key_value_heads=2, hidden_size=256))
