@@ -48,11 +48,16 @@ def _damped_inverse(m: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _moment(x: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
-    """xᵀx over every position of ``x`` (..., features) on ``device`` (None: x's): computed in float32 (float64 for a
-    float64 model), returned in float64, in which the batches' moments are summed."""
+    """xᵀx over every position of ``x`` (..., features) on ``device`` (None: x's), returned in float64, in which the
+    batches' moments are summed. A bf16 or float16 x on a GPU is multiplied as it is, on the tensor cores, into
+    float32: its products are exact in float32, so the result is the float32 product's but for the order of the
+    additions, at many times the speed (float32 products run on the CUDA cores). Otherwise in float32 (float64 for a
+    float64 model)."""
     x = x.detach().flatten(0, -2)
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
     x = x.to(device) if device is not None else x
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(x.T, x, out_dtype=torch.float32).double()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     return (x.T @ x).double()
 
 

@@ -151,3 +151,16 @@ def test_an_input_that_layers_share_has_its_moment_computed_once(monkeypatch, mo
         alone = kfac.collect(model, {name: layers[name]}, batches)[name]
         torch.testing.assert_close(factors[name].A, alone.A, rtol=1e-12, atol=0)
         torch.testing.assert_close(factors[name].G, alone.G, rtol=1e-9, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_moment_on_a_gpu_is_the_float32_product(dtype):
+    """A bf16 or float16 layer input's moment runs on the tensor cores into float32: the same as the float32 product
+    of the same values (exact products), to float32's rounding of the sums."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1024, 384, device="cuda").to(dtype)
+    got = kfac._moment(x, None)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, kfac._moment(x.float(), None), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(kfac._moment(x, torch.device("cpu")), got.cpu(), rtol=1e-5, atol=1e-3)
