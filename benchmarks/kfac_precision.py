@@ -1,0 +1,94 @@
+"""Would K-FAC's moment products in TF32 or bf16 (tensor cores; float32 accumulation) prune as well as float32? LLM
+Surgeon, structured, from the same dense weights and calibration, with each moment's inputs first rounded to TF32's
+10-bit or bf16's 7-bit mantissa (what tensor cores do to a float32 product's inputs) against float32 as chop computes
+them today; held-out perplexity right after pruning, and how far the first block's factors move.
+
+    python benchmarks/kfac_precision.py --model DIR [--calibration 64x128] [--sparsity 0.2] [--shots 2]
+
+An experiment on the arithmetic, on any device: the rounding is emulated (``chop.pruning.kfac._moment`` wrapped), so
+it measures the effect on the pruned model, not speed (``kfac_collect.py`` measures speed). Calibration and held-out
+text as ``surgeon_quality.py`` (offline: english-passages train and val). Prints a table, writes kfac_precision.json
+($OUT, else benchmarks/results/).
+"""
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from chop.models.loading import load_model, load_tokenizer
+from chop.provenance import provenance
+from chop.pruning import kfac
+from chop.pruning.prune_cli import Text, blocks, perplexity
+from chop.pruning.registry import pruner_from
+from chop.pruning.structures import linears
+from common import result_path
+
+
+def rounded(x: torch.Tensor, mantissa: int) -> torch.Tensor:
+    """float32 ``x`` rounded to ``mantissa`` explicit bits (to nearest, ties away from zero), as float32."""
+    drop = 23 - mantissa
+    bits = x.float().contiguous().view(torch.int32)
+    bits = (bits + (1 << (drop - 1))) & ~((1 << drop) - 1)
+    return bits.view(torch.float32)
+
+
+MANTISSA = {"float32": None, "tf32": 10, "bf16": 7}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a Hugging Face directory or hub id")
+    p.add_argument("--sparsity", type=float, default=0.2, help="share of the decoder linears removed (structured)")
+    p.add_argument("--shots", type=int, default=2)
+    p.add_argument("--calibration", default="64x128", help="SAMPLESxLENGTH")
+    p.add_argument("--held_out", type=int, default=32, help="held-out blocks")
+    p.add_argument("--held_len", type=int, default=512, help="tokens per held-out block")
+    p.add_argument("--batch_tokens", type=int, default=8192, help="calibration tokens per forward/backward")
+    a = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(a.model)
+    dense = load_model(a.model, dtype="float32").to(device)
+    held_text, calib_text = Text(split="test", join="\n\n"), Text()
+    held = blocks(held_text, tok, a.held_len + 1, a.held_out, "val", "--held_out")
+    samples, length = (int(x) for x in a.calibration.split("x"))
+    calib = blocks(calib_text, tok, length + 1, samples, "train", "--calibration")
+    per_batch = max(1, a.batch_tokens // length)
+    batches = [torch.stack(calib[i:i + per_batch]).to(device) for i in range(0, samples, per_batch)]
+    data = {"calibration": f"{calib_text.path} ({calib_text.name}, {calib_text.split}; offline: english-passages "
+                           f"train), {samples} x {length} tokens",
+            "held_out": f"{held_text.path} ({held_text.name}, {held_text.split}, rows joined by blank lines; offline: "
+                        f"english-passages val), {a.held_out} x {a.held_len} tokens"}
+    results = {"provenance": provenance(a.model, data, note="moment inputs' rounding emulated in float32"),
+               "settings": vars(a), "dense_ppl": perplexity(dense, held), "runs": []}
+    out = result_path("kfac_precision.json")
+    exact = kfac._moment
+    first = {n: l for n, l in linears(dense).items() if n.startswith("model.layers.0.")}
+    reference = kfac.collect(dense, first, batches)
+    print(f"dense held-out perplexity {results['dense_ppl']:.2f}", flush=True)
+    print(f"{'moment inputs':<14}{'ppl':>10}{'A rel. err.':>13}{'G rel. err.':>13}{'seconds':>9}")
+    try:
+        for name, bits in MANTISSA.items():
+            kfac._moment = exact if bits is None else (lambda x, dev, b=bits: exact(rounded(x, b), dev))
+            factors = kfac.collect(dense, first, batches)
+            err = {k: max(((getattr(factors[n], k) - getattr(reference[n], k)).norm()
+                           / getattr(reference[n], k).norm()).item() for n in first) for k in ("A", "G")}
+            spec = pruner_from({"method": "surgeon", "mode": "structured", "sparsity": a.sparsity, "shots": a.shots,
+                                "calibration_samples": samples, "seq_len": length, "batch_size": per_batch})
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            spec.prune(model, batches)
+            run = {"moment_inputs": name, "mantissa_bits": bits, "ppl": perplexity(model, held),
+                   "seconds": time.perf_counter() - t0, "first_block_rel_err": err}
+            results["runs"].append(run)
+            print(f"{name:<14}{run['ppl']:>10.2f}{err['A']:>13.2e}{err['G']:>13.2e}{run['seconds']:>9.1f}", flush=True)
+            out.write_text(json.dumps(results, indent=2))
+            del model
+    finally:
+        kfac._moment = exact
+
+
+if __name__ == "__main__":
+    main()
