@@ -18,13 +18,13 @@ import time
 
 import torch
 
-from chop.models.loading import load_model, load_tokenizer
 from chop.provenance import provenance
 from chop.pruning import kfac
-from chop.pruning.prune_cli import Text, blocks, perplexity
+from chop.pruning.prune_cli import perplexity
 from chop.pruning.registry import pruner_from
 from chop.pruning.structures import linears
 from common import result_path
+from surgeon_quality import add_data_arguments, load_data
 
 
 def rounded(x: torch.Tensor, mantissa: int) -> torch.Tensor:
@@ -42,25 +42,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a Hugging Face directory or hub id")
     p.add_argument("--sparsity", type=float, default=0.2, help="share of the decoder linears removed (structured)")
-    p.add_argument("--shots", type=int, default=2)
-    p.add_argument("--calibration", default="64x128", help="SAMPLESxLENGTH")
-    p.add_argument("--held_out", type=int, default=32, help="held-out blocks")
-    p.add_argument("--held_len", type=int, default=512, help="tokens per held-out block")
-    p.add_argument("--batch_tokens", type=int, default=8192, help="calibration tokens per forward/backward")
+    add_data_arguments(p, calibration="64x128", held_out=32)
     a = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = load_tokenizer(a.model)
-    dense = load_model(a.model, dtype="float32").to(device)
-    held_text, calib_text = Text(split="test", join="\n\n"), Text()
-    held = blocks(held_text, tok, a.held_len + 1, a.held_out, "val", "--held_out")
+    _, dense, held, batches, per_batch, data = load_data(a)
     samples, length = (int(x) for x in a.calibration.split("x"))
-    calib = blocks(calib_text, tok, length + 1, samples, "train", "--calibration")
-    per_batch = max(1, a.batch_tokens // length)
-    batches = [torch.stack(calib[i:i + per_batch]).to(device) for i in range(0, samples, per_batch)]
-    data = {"calibration": f"{calib_text.path} ({calib_text.name}, {calib_text.split}; offline: english-passages "
-                           f"train), {samples} x {length} tokens",
-            "held_out": f"{held_text.path} ({held_text.name}, {held_text.split}, rows joined by blank lines; offline: "
-                        f"english-passages val), {a.held_out} x {a.held_len} tokens"}
     results = {"provenance": provenance(a.model, data, note="moment inputs' rounding emulated in float32"),
                "settings": vars(a), "dense_ppl": perplexity(dense, held), "runs": []}
     out = result_path("kfac_precision.json")

@@ -49,18 +49,18 @@ def arms(a: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True, help="a Hugging Face directory or hub id")
-    p.add_argument("--part", choices=["structured", "element", "all"], default="all")
-    p.add_argument("--sparsity", type=float, default=0.2, help="structured: share of the decoder linears removed")
-    p.add_argument("--element", type=float, default=0.5, help="unstructured: share of each linear removed")
+def add_data_arguments(p: argparse.ArgumentParser, calibration: str, held_out: int) -> None:
+    """The shots, calibration and held-out arguments (shared with ``kfac_precision.py``)."""
     p.add_argument("--shots", type=int, default=2)
-    p.add_argument("--calibration", default="128x2048", help="SAMPLESxLENGTH")
-    p.add_argument("--held_out", type=int, default=64, help="held-out blocks")
+    p.add_argument("--calibration", default=calibration, help="SAMPLESxLENGTH")
+    p.add_argument("--held_out", type=int, default=held_out, help="held-out blocks")
     p.add_argument("--held_len", type=int, default=512, help="tokens per held-out block")
     p.add_argument("--batch_tokens", type=int, default=8192, help="calibration tokens per forward/backward")
-    a = p.parse_args()
+
+
+def load_data(a: argparse.Namespace) -> tuple[str, torch.nn.Module, list, list[torch.Tensor], int, dict]:
+    """The device, the dense float32 model on it, the held-out blocks, the calibration batches, sequences per batch and
+    what the data are (for the provenance)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(a.model)
     dense = load_model(a.model, dtype="float32").to(device)
@@ -74,6 +74,19 @@ def main() -> None:
                            f"train), {samples} x {length} tokens",
             "held_out": f"{held_text.path} ({held_text.name}, {held_text.split}, rows joined by blank lines; offline: "
                         f"english-passages val), {a.held_out} x {a.held_len} tokens"}
+    return device, dense, held, batches, per_batch, data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True, help="a Hugging Face directory or hub id")
+    p.add_argument("--part", choices=["structured", "element", "all"], default="all")
+    p.add_argument("--sparsity", type=float, default=0.2, help="structured: share of the decoder linears removed")
+    p.add_argument("--element", type=float, default=0.5, help="unstructured: share of each linear removed")
+    add_data_arguments(p, calibration="128x2048", held_out=64)
+    a = p.parse_args()
+    device, dense, held, batches, per_batch, data = load_data(a)
+    samples, length = (int(x) for x in a.calibration.split("x"))
     results = {"provenance": provenance(a.model, data), "settings": vars(a), "dense_ppl": perplexity(dense, held),
                "runs": []}
     suffix = "" if a.part == "all" else f"_{a.part}"
