@@ -6,8 +6,12 @@ dense Llama and its LayerChop'd and structurally pruned versions, random init, b
 Rows per model: dense; LayerChop removing 25% and 50% of the layers (``output`` strategy); structured width pruning
 of 20% and 30% of the decoder linears, per-layer widths (the one-threshold choice, by magnitude: on random weights
 any criterion gives such shapes; MLP widths multiples of 64) and uniform widths (``--variants`` also offers 30% with
-widths multiples of 128 and 256). Each row's prefill FLOPs per token (``prefill_flops``) give the speed-up in
-proportion to the compute removed, beside the measured one. Prefill: one forward over batch x 2,048 tokens (batch 1 and 16).
+widths multiples of 128 and 256), and 30% with attention groups removed too (Minitron's activation pruning, the
+same share of each kind: width pruning that also shrinks attention, as LLM Surgeon may on real weights). Each row's
+prefill FLOPs per token (``prefill_flops``) give the speed-up in proportion to the compute removed, beside the
+measured one. Prefill, batch 1 and 16 x 2,048 tokens, two ways: as ``generate`` runs it (``generate_prefill_*``: the
+KV cache written, the logits of the last position alone, ``logits_to_keep=1``), and as a scoring or training
+forward does (``prefill_*``: no cache, every position's logits).
 Decode: 256 new tokens after a 128-token prompt, greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over
 the batch. Medians of ``--reps`` after a warm-up; speed-ups against the dense row of the same run. ``--kernels liger``
 runs every model with chop's fused kernels (``model.kernels``: RMSNorm, rotary, SwiGLU). ``--breakdown`` adds, per
@@ -47,17 +51,24 @@ VARIANTS = {
     "structured 30%, uniform": {"pruning": {"method": "magnitude", "sparsity": 0.3, "align": 64, "uniform": True}},
     "structured 30%, align 128": {"pruning": {"method": "magnitude", "sparsity": 0.3, "align": 128}},
     "structured 30%, align 256": {"pruning": {"method": "magnitude", "sparsity": 0.3, "align": 256}},
+    # Magnitude on random weights removes MLP units alone; this removes the same share of attention groups (rounded:
+    # 1 of the 1.1B's 4, 10 of the 7B's 32) and of MLP units, ranked on random tokens (only the shapes matter here).
+    "structured 30%, attention too": {"pruning": {"method": "activation", "sparsity": 0.3, "align": 64,
+                                                  "units": ["mlp", "attention"], "calibration_samples": 4,
+                                                  "seq_len": 256}},
 }
 DEFAULT_VARIANTS = [v for v in VARIANTS if "align" not in v]
 
 
-def prefill_flops(model, seq: int = 2048) -> float:
-    """Forward FLOPs per token of a ``seq``-token prefill: 2 x the weights of every linear (LM head included, as the
-    forward forms every position's logits) and causal attention (scores and values: each query against (seq+1)/2
-    keys on average, over the layer's query width), each layer by its own shapes."""
-    linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+def prefill_flops(model, seq: int = 2048, all_logits: bool = True) -> float:
+    """Forward FLOPs per token of a ``seq``-token prefill: 2 x the weights of every linear (the LM head's for every
+    position with ``all_logits``, else for the last one alone, as ``generate`` forms them) and causal attention
+    (scores and values: each query against (seq+1)/2 keys on average, over the layer's query width), each layer by
+    its own shapes."""
+    head = model.get_output_embeddings().weight.numel()
+    linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) - head
     attention = sum(2 * layer.self_attn.q_proj.out_features * (seq + 1) for layer in model.model.layers)
-    return 2 * linears + attention
+    return 2 * linears + 2 * head * (1 if all_logits else 1 / seq) + attention
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,6 +97,9 @@ def measure(model, reps: int, decode: bool = True) -> dict:
     out = {}
     for batch in (1, 16):
         ids = torch.randint(0, vocab, (batch, 2048), device=DEVICE)
+        # generate's first forward: the prompt's KV cache written, the next token's logits alone
+        out[f"generate_prefill_b{batch}_ms"] = 1e3 * timed(lambda: model(input_ids=ids, use_cache=True,
+                                                                           logits_to_keep=1), reps)
         out[f"prefill_b{batch}_ms"] = 1e3 * timed(lambda: model(input_ids=ids, use_cache=False), reps)
     for batch in (1, 32) if decode else ():
         prompt = torch.randint(0, vocab, (batch, 128), device=DEVICE)
@@ -169,7 +183,8 @@ def main() -> None:
     results = {"provenance": provenance(None, {"tokens": "random ids"}), "settings": vars(a), "runs": []}
     tag = "_".join(a.models) + ("_liger" if a.kernels == "liger" else "")
     out = result_path(f"inference_speed_{tag}.json")
-    print(f"{'model':<6}{'variant':<26}{'params':>8}{'prefill b1':>11}{'b16':>9}{'decode b1':>11}{'b32':>9}  (ms; tok/s)")
+    print(f"{'model':<6}{'variant':<31}{'params':>8}{'prefill b1':>11}{'b16':>9}{'all logits b16':>15}{'decode b1':>11}"
+          f"{'b32':>9}  (ms; tok/s)")
     for shape in a.models:
         dense = None
         for name in sorted(a.variants, key=lambda n: n != "dense"):
@@ -179,10 +194,14 @@ def main() -> None:
             if "chop" in todo:
                 chop(model, LayerChop(**todo["chop"]))
             if "pruning" in todo:
-                pruner_from(todo["pruning"]).prune(model, [])
+                pruner = pruner_from(todo["pruning"])
+                batches = [torch.randint(0, model.config.vocab_size, (1, pruner.seq_len or 256), device=DEVICE)
+                           for _ in range(pruner.calibration_samples)]
+                pruner.prune(model, batches)
             apply_kernels(model, a.kernels)
-            run = {"model": shape, "variant": name, "params": num_params(model), "prefill_flops_per_token":
-                   prefill_flops(model), **measure(model, a.reps, not a.no_decode)}
+            run = {"model": shape, "variant": name, "params": num_params(model),
+                   "generate_prefill_flops_per_token": prefill_flops(model, all_logits=False),
+                   "prefill_flops_per_token": prefill_flops(model), **measure(model, a.reps, not a.no_decode)}
             if a.breakdown:
                 run["breakdown_prefill_b16"] = breakdown(model, 16, a.reps)
                 print("      " + ", ".join(f"{k} {v:.1f}" for k, v in run["breakdown_prefill_b16"].items()))
@@ -190,15 +209,19 @@ def main() -> None:
             run.update({f"{k}_speedup": (dense[k] / run[k] if k.endswith("_ms") else run[k] / dense[k])
                         for k in run if k.endswith(("_ms", "_tok_s"))})
             # In proportion to the compute removed: the dense row's prefill FLOPs over this row's.
+            run["generate_flops_ratio"] = (dense["generate_prefill_flops_per_token"]
+                                           / run["generate_prefill_flops_per_token"])
             run["flops_ratio"] = dense["prefill_flops_per_token"] / run["prefill_flops_per_token"]
             results["runs"].append(run)
             decode = (f"{run['decode_b1_tok_s']:>11.1f}{run['decode_b32_tok_s']:>9.1f}" if not a.no_decode
-                      else f"{'-':>11}{'-':>9}") + (f"   speed-up prefill b16 {run['prefill_b16_ms_speedup']:.2f}x "
-                                                    f"(FLOPs {run['flops_ratio']:.2f}x)")
+                      else f"{'-':>11}{'-':>9}")
+            decode += (f"   speed-up prefill b16 {run['generate_prefill_b16_ms_speedup']:.2f}x (FLOPs "
+                       f"{run['generate_flops_ratio']:.2f}x), all logits {run['prefill_b16_ms_speedup']:.2f}x "
+                       f"({run['flops_ratio']:.2f}x)")
             if not a.no_decode:
                 decode += f", decode b32 {run['decode_b32_tok_s_speedup']:.2f}x"
-            print(f"{shape:<6}{name:<26}{run['params'] / 1e9:>7.2f}B{run['prefill_b1_ms']:>11.1f}{run['prefill_b16_ms']:>9.1f}"
-                  + decode, flush=True)
+            print(f"{shape:<6}{name:<31}{run['params'] / 1e9:>7.2f}B{run['generate_prefill_b1_ms']:>11.1f}"
+                  f"{run['generate_prefill_b16_ms']:>9.1f}{run['prefill_b16_ms']:>15.1f}" + decode, flush=True)
             out.write_text(json.dumps(results, indent=2))
             del model
             torch.cuda.empty_cache() if DEVICE == "cuda" else None
