@@ -12,7 +12,8 @@ prefill FLOPs per token (``prefill_flops``) give the speed-up in proportion to t
 measured one. Prefill, batch 1 and 16 x 2,048 tokens, two ways: as ``generate`` runs it (``generate_prefill_*``: the
 KV cache written, the logits of the last position alone, ``logits_to_keep=1``), and as a scoring or training
 forward does (``prefill_*``: no cache, every position's logits).
-Decode: 256 new tokens after a 128-token prompt, greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over
+``*_gpu_ms``: the GPU's busy time in one such prefill (the profiler's kernels): where it is well under the wall
+time, the host's launching of the kernels is what is timed, not the model's arithmetic. Decode: 256 new tokens after a 128-token prompt, greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over
 the batch. Medians of ``--reps`` after a warm-up; speed-ups against the dense row of the same run. ``--kernels liger``
 runs every model with chop's fused kernels (``model.kernels``: RMSNorm, rotary, SwiGLU). ``--breakdown`` adds, per
 row, where a batch-16 prefill spends its time by kind of module (CUDA events around each module, in a forward of
@@ -91,6 +92,20 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def gpu_ms(fn) -> float:
+    """Milliseconds the GPU spends in kernels and copies during one ``fn()`` (the profiler's CUDA events, summed): set
+    beside the wall time, what of a call is the GPU's work and what is the host's launching of it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if DEVICE != "cuda":
+        return float("nan")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
+
+
 @torch.no_grad()
 def measure(model, reps: int, decode: bool = True) -> dict:
     vocab = model.config.vocab_size
@@ -98,8 +113,11 @@ def measure(model, reps: int, decode: bool = True) -> dict:
     for batch in (1, 16):
         ids = torch.randint(0, vocab, (batch, 2048), device=DEVICE)
         # generate's first forward: the prompt's KV cache written, the next token's logits alone
-        out[f"generate_prefill_b{batch}_ms"] = 1e3 * timed(lambda: model(input_ids=ids, use_cache=True,
-                                                                           logits_to_keep=1), reps)
+        def prefill():
+            return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+        out[f"generate_prefill_b{batch}_ms"] = 1e3 * timed(prefill, reps)
+        out[f"generate_prefill_b{batch}_gpu_ms"] = gpu_ms(prefill)
         out[f"prefill_b{batch}_ms"] = 1e3 * timed(lambda: model(input_ids=ids, use_cache=False), reps)
     for batch in (1, 32) if decode else ():
         prompt = torch.randint(0, vocab, (batch, 128), device=DEVICE)
@@ -183,7 +201,7 @@ def main() -> None:
     results = {"provenance": provenance(None, {"tokens": "random ids"}), "settings": vars(a), "runs": []}
     tag = "_".join(a.models) + ("_liger" if a.kernels == "liger" else "")
     out = result_path(f"inference_speed_{tag}.json")
-    print(f"{'model':<6}{'variant':<31}{'params':>8}{'prefill b1':>11}{'b16':>9}{'all logits b16':>15}{'decode b1':>11}"
+    print(f"{'model':<6}{'variant':<31}{'params':>8}{'prefill b1':>11}{'(GPU)':>8}{'b16':>9}{'(GPU)':>8}{'all logits b16':>15}{'decode b1':>11}"
           f"{'b32':>9}  (ms; tok/s)")
     for shape in a.models:
         dense = None
@@ -221,7 +239,8 @@ def main() -> None:
             if not a.no_decode:
                 decode += f", decode b32 {run['decode_b32_tok_s_speedup']:.2f}x"
             print(f"{shape:<6}{name:<31}{run['params'] / 1e9:>7.2f}B{run['generate_prefill_b1_ms']:>11.1f}"
-                  f"{run['generate_prefill_b16_ms']:>9.1f}{run['prefill_b16_ms']:>15.1f}" + decode, flush=True)
+                  f"{run['generate_prefill_b1_gpu_ms']:>8.1f}{run['generate_prefill_b16_ms']:>9.1f}"
+                  f"{run['generate_prefill_b16_gpu_ms']:>8.1f}{run['prefill_b16_ms']:>15.1f}" + decode, flush=True)
             out.write_text(json.dumps(results, indent=2))
             del model
             torch.cuda.empty_cache() if DEVICE == "cuda" else None
