@@ -80,9 +80,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int) -> float:
+def timed(fn, reps: int, times: list | None = None) -> float:
+    """The median seconds of ``reps`` calls of ``fn`` after a warm-up; each call's seconds appended to ``times``."""
     fn()  # warm-up
-    times = []
+    times = [] if times is None else times
     for _ in range(reps):
         sync()
         t0 = time.perf_counter()
@@ -116,7 +117,9 @@ def measure(model, reps: int, decode: bool = True) -> dict:
         def prefill():
             return model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
-        out[f"generate_prefill_b{batch}_ms"] = 1e3 * timed(prefill, reps)
+        runs: list[float] = []
+        out[f"generate_prefill_b{batch}_ms"] = 1e3 * timed(prefill, reps, runs)
+        out[f"generate_prefill_b{batch}_ms_runs"] = [1e3 * t for t in runs]
         out[f"generate_prefill_b{batch}_gpu_ms"] = gpu_ms(prefill)
         out[f"prefill_b{batch}_ms"] = 1e3 * timed(lambda: model(input_ids=ids, use_cache=False), reps)
     for batch in (1, 32) if decode else ():
