@@ -30,11 +30,17 @@ def prune_args(tmp_path, model, out, *extra):
             "--calibration.files", f"[{fix / 'train.jsonl'}]", "--held_out.files", f"[{fix / 'val.jsonl'}]", *extra]
 
 
-def test_chop_prune_writes_a_smaller_model_a_report_and_tensorboard(tmp_path):
+def test_chop_prune_writes_a_smaller_model_a_report_and_tensorboard(tmp_path, monkeypatch):
+    import torch
+
     from chop.cli import main
 
     model = tiny_model_dir(tmp_path)
-    main(prune_args(tmp_path, model, tmp_path / "out", "--pruning.lora", "{rank: 4}"))
+    collect, seen = kfac.collect, []  # the float32 matmul precision the curvature was computed under
+    monkeypatch.setattr(kfac, "collect", lambda *a, **k: seen.append(torch.get_float32_matmul_precision())
+                        or collect(*a, **k))
+    main(prune_args(tmp_path, model, tmp_path / "out", "--pruning.lora", "{rank: 4}", "--matmul_precision", "high"))
+    assert seen and set(seen) == {"high"} and torch.get_float32_matmul_precision() == "highest"  # set, then put back
     report = json.loads((tmp_path / "out" / "pruning.json").read_text())
     assert report["mode"] == "structured" and len(report["shots"]) == 2 and report["dense_ppl"] > 1
     assert all(r["ppl"] > 1 and r["lora_loss"] > 0 for r in report["shots"]) and report["settings"]["lora"]["rank"] == 4
