@@ -13,7 +13,8 @@ measured one. Prefill, batch 1 and 16 x 2,048 tokens, two ways: as ``generate`` 
 KV cache written, the logits of the last position alone, ``logits_to_keep=1``), and as a scoring or training
 forward does (``prefill_*``: no cache, every position's logits).
 ``*_gpu_ms``: the GPU's busy time in one such prefill (the profiler's kernels): where it is well under the wall
-time, the host's launching of the kernels is what is timed, not the model's arithmetic. Decode: 256 new tokens after a 128-token prompt, greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over
+time, the host's launching of the kernels is what is timed, not the model's arithmetic; ``decode_*_gpu_step_ms``,
+the same for one whole generation, per new token. Decode: 256 new tokens after a 128-token prompt, greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over
 the batch. Medians of ``--reps`` after a warm-up; speed-ups against the dense row of the same run. ``--kernels liger``
 runs every model with chop's fused kernels (``model.kernels``: RMSNorm, rotary, SwiGLU). ``--breakdown`` adds, per
 row, where a batch-16 prefill spends its time by kind of module (CUDA events around each module, in a forward of
@@ -124,9 +125,14 @@ def measure(model, reps: int, decode: bool = True) -> dict:
         out[f"prefill_b{batch}_ms"] = 1e3 * timed(lambda: model(input_ids=ids, use_cache=False), reps)
     for batch in (1, 32) if decode else ():
         prompt = torch.randint(0, vocab, (batch, 128), device=DEVICE)
-        s = timed(lambda: model.generate(prompt, max_new_tokens=256, min_new_tokens=256, do_sample=False,
-                                         pad_token_id=0), reps)
+
+        def generate():
+            return model.generate(prompt, max_new_tokens=256, min_new_tokens=256, do_sample=False, pad_token_id=0)
+
+        s = timed(generate, reps)
         out[f"decode_b{batch}_tok_s"] = batch * 256 / s
+        # the GPU's work per new token (the prompt's prefill included, 1/256 of it): what the host's pace hides
+        out[f"decode_b{batch}_gpu_step_ms"] = gpu_ms(generate) / 256
     return out
 
 
@@ -240,7 +246,8 @@ def main() -> None:
                        f"{run['generate_flops_ratio']:.2f}x), all logits {run['prefill_b16_ms_speedup']:.2f}x "
                        f"({run['flops_ratio']:.2f}x)")
             if not a.no_decode:
-                decode += f", decode b32 {run['decode_b32_tok_s_speedup']:.2f}x"
+                decode += (f", decode b1 {run['decode_b1_tok_s_speedup']:.2f}x (GPU {run['decode_b1_gpu_step_ms_speedup']:.2f}x)"
+                           f", b32 {run['decode_b32_tok_s_speedup']:.2f}x (GPU {run['decode_b32_gpu_step_ms_speedup']:.2f}x)")
             print(f"{shape:<6}{name:<31}{run['params'] / 1e9:>7.2f}B{run['generate_prefill_b1_ms']:>11.1f}"
                   f"{run['generate_prefill_b1_gpu_ms']:>8.1f}{run['generate_prefill_b16_ms']:>9.1f}"
                   f"{run['generate_prefill_b16_gpu_ms']:>8.1f}{run['prefill_b16_ms']:>15.1f}" + decode, flush=True)
