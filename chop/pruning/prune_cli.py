@@ -43,7 +43,6 @@ def float32_matmul_precision(precision: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-
 @dataclass
 class Text:
     """A text source: a hub dataset (``path``, ``name``, ``split``) or local ``files``; offline, chop's
