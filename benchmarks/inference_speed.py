@@ -11,15 +11,18 @@ same share of each kind: width pruning that also shrinks attention, as LLM Surge
 prefill FLOPs per token (``prefill_flops``) give the speed-up in proportion to the compute removed, beside the
 measured one. Prefill, batch 1 and 16 x 2,048 tokens, two ways: as ``generate`` runs it (``generate_prefill_*``: the
 KV cache written, the logits of the last position alone, ``logits_to_keep=1``), and as a scoring or training
-forward does (``prefill_*``: no cache, every position's logits).
-``*_gpu_ms``: the GPU's busy time in one such prefill (the profiler's kernels): where it is well under the wall
-time, the host's launching of the kernels is what is timed, not the model's arithmetic; ``decode_*_gpu_step_ms``,
-the same for one whole generation, per new token. Decode: 256 new tokens after a 128-token prompt, greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over
-the batch. Medians of ``--reps`` after a warm-up; speed-ups against the dense row of the same run. ``--kernels liger``
-runs every model with chop's fused kernels (``model.kernels``: RMSNorm, rotary, SwiGLU). ``--breakdown`` adds, per
-row, where a batch-16 prefill spends its time by kind of module (CUDA events around each module, in a forward of
-its own; "other" is the forward's time outside them: embeddings, residual adds, masks). Prints a table, writes
-inference_speed_<models>[_liger].json ($OUT, else benchmarks/results/) with its provenance.
+forward does (``prefill_*``: no cache, every position's logits). Decode: 256 new tokens after a 128-token prompt,
+greedy, ``min_new_tokens`` = 256 (batch 1 and 32), tokens/s over the batch. ``--gpu_time`` adds, after the timed
+calls, the GPU's busy time (the profiler's kernels) of one generate prefill (``*_gpu_ms``) and of one whole
+generation per new token (``decode_*_gpu_step_ms``): where it is well under the wall time, the host's launching of
+the kernels is what the wall time measures, not the model's work. Off by default: the profiler can leave CUPTI
+attached and the host's kernel launches slower for the rest of the process (pytorch/pytorch#144455), which
+host-bound wall times (batch 1, decode) of later rows would carry. Medians of ``--reps`` after a warm-up;
+speed-ups against the dense row of the same run. ``--kernels liger`` runs every model with chop's fused kernels
+(``model.kernels``: RMSNorm, rotary, SwiGLU). ``--breakdown`` adds, per row, where a batch-16 prefill spends its
+time by kind of module (CUDA events around each module, in a forward of its own; "other" is the forward's time
+outside them: embeddings, residual adds, masks). Prints a table, writes inference_speed_<models>[_liger].json ($OUT,
+else benchmarks/results/) with its provenance.
 """
 
 import argparse
@@ -109,7 +112,7 @@ def gpu_ms(fn) -> float:
 
 
 @torch.no_grad()
-def measure(model, reps: int, decode: bool = True) -> dict:
+def measure(model, reps: int, decode: bool = True, gpu_time: bool = False) -> dict:
     vocab = model.config.vocab_size
     out = {}
     for batch in (1, 16):
@@ -121,7 +124,8 @@ def measure(model, reps: int, decode: bool = True) -> dict:
         runs: list[float] = []
         out[f"generate_prefill_b{batch}_ms"] = 1e3 * timed(prefill, reps, runs)
         out[f"generate_prefill_b{batch}_ms_runs"] = [1e3 * t for t in runs]
-        out[f"generate_prefill_b{batch}_gpu_ms"] = gpu_ms(prefill)
+        if gpu_time:
+            out[f"generate_prefill_b{batch}_gpu_ms"] = gpu_ms(prefill)
         out[f"prefill_b{batch}_ms"] = 1e3 * timed(lambda: model(input_ids=ids, use_cache=False), reps)
     for batch in (1, 32) if decode else ():
         prompt = torch.randint(0, vocab, (batch, 128), device=DEVICE)
@@ -132,7 +136,8 @@ def measure(model, reps: int, decode: bool = True) -> dict:
         s = timed(generate, reps)
         out[f"decode_b{batch}_tok_s"] = batch * 256 / s
         # the GPU's work per new token (the prompt's prefill included, 1/256 of it): what the host's pace hides
-        out[f"decode_b{batch}_gpu_step_ms"] = gpu_ms(generate) / 256
+        if gpu_time:
+            out[f"decode_b{batch}_gpu_step_ms"] = gpu_ms(generate) / 256
     return out
 
 
@@ -206,12 +211,14 @@ def main() -> None:
     p.add_argument("--kernels", default="torch", choices=["torch", "liger"])
     p.add_argument("--breakdown", action="store_true")
     p.add_argument("--no_decode", action="store_true", help="prefill only")
+    p.add_argument("--gpu_time", action="store_true",
+                   help="also the GPU's busy time (the profiler); host-bound wall times measured after it may be slower")
     a = p.parse_args()
     results = {"provenance": provenance(None, {"tokens": "random ids"}), "settings": vars(a), "runs": []}
     tag = "_".join(a.models) + ("_liger" if a.kernels == "liger" else "")
     out = result_path(f"inference_speed_{tag}.json")
-    print(f"{'model':<6}{'variant':<31}{'params':>8}{'prefill b1':>11}{'(GPU)':>8}{'b16':>9}{'(GPU)':>8}{'all logits b16':>15}{'decode b1':>11}"
-          f"{'b32':>9}  (ms; tok/s)")
+    print(f"{'model':<6}{'variant':<31}{'params':>8}{'prefill b1':>11}{'(GPU)':>8}{'b16':>9}{'(GPU)':>8}"
+          f"{'all logits b16':>15}{'decode b1':>11}{'b32':>9}  (ms; tok/s)")
     for shape in a.models:
         dense = None
         for name in sorted(a.variants, key=lambda n: n != "dense"):
@@ -228,7 +235,8 @@ def main() -> None:
             apply_kernels(model, a.kernels)
             run = {"model": shape, "variant": name, "params": num_params(model),
                    "generate_prefill_flops_per_token": prefill_flops(model, all_logits=False),
-                   "prefill_flops_per_token": prefill_flops(model), **measure(model, a.reps, not a.no_decode)}
+                   "prefill_flops_per_token": prefill_flops(model),
+                   **measure(model, a.reps, not a.no_decode, a.gpu_time)}
             if a.breakdown:
                 run["breakdown_prefill_b16"] = breakdown(model, 16, a.reps)
                 print("      " + ", ".join(f"{k} {v:.1f}" for k, v in run["breakdown_prefill_b16"].items()))
@@ -245,12 +253,14 @@ def main() -> None:
             decode += (f"   speed-up prefill b16 {run['generate_prefill_b16_ms_speedup']:.2f}x (FLOPs "
                        f"{run['generate_flops_ratio']:.2f}x), all logits {run['prefill_b16_ms_speedup']:.2f}x "
                        f"({run['flops_ratio']:.2f}x)")
+            nan = float("nan")  # the GPU's time: only with --gpu_time
             if not a.no_decode:
-                decode += (f", decode b1 {run['decode_b1_tok_s_speedup']:.2f}x (GPU {run['decode_b1_gpu_step_ms_speedup']:.2f}x)"
-                           f", b32 {run['decode_b32_tok_s_speedup']:.2f}x (GPU {run['decode_b32_gpu_step_ms_speedup']:.2f}x)")
+                decode += (f", decode b1 {run['decode_b1_tok_s_speedup']:.2f}x "
+                           f"(GPU {run.get('decode_b1_gpu_step_ms_speedup', nan):.2f}x), b32 "
+                           f"{run['decode_b32_tok_s_speedup']:.2f}x (GPU {run.get('decode_b32_gpu_step_ms_speedup', nan):.2f}x)")
             print(f"{shape:<6}{name:<31}{run['params'] / 1e9:>7.2f}B{run['generate_prefill_b1_ms']:>11.1f}"
-                  f"{run['generate_prefill_b1_gpu_ms']:>8.1f}{run['generate_prefill_b16_ms']:>9.1f}"
-                  f"{run['generate_prefill_b16_gpu_ms']:>8.1f}{run['prefill_b16_ms']:>15.1f}" + decode, flush=True)
+                  f"{run.get('generate_prefill_b1_gpu_ms', nan):>8.1f}{run['generate_prefill_b16_ms']:>9.1f}"
+                  f"{run.get('generate_prefill_b16_gpu_ms', nan):>8.1f}{run['prefill_b16_ms']:>15.1f}" + decode, flush=True)
             out.write_text(json.dumps(results, indent=2))
             del model
             torch.cuda.empty_cache() if DEVICE == "cuda" else None
