@@ -97,18 +97,28 @@ def timed(fn, reps: int, times: list | None = None) -> float:
     return statistics.median(times)
 
 
-def gpu_ms(fn) -> float:
-    """Milliseconds the GPU spends in kernels and copies during one ``fn()`` (the profiler's CUDA events, summed): set
-    beside the wall time, what of a call is the GPU's work and what is the host's launching of it."""
+def kernel_ms(fn) -> dict[str, float]:
+    """GPU milliseconds per kernel (and copy) name during one ``fn()``, from the profiler's CUDA events; none off a
+    GPU."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     if DEVICE != "cuda":
-        return float("nan")
+        return {}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         sync()
-    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            out[e.name] = out.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+    return out
+
+
+def gpu_ms(fn) -> float:
+    """Milliseconds the GPU spends in kernels and copies during one ``fn()`` (``kernel_ms`` summed; NaN off a GPU):
+    set beside the wall time, what of a call is the GPU's work and what is the host's launching of it."""
+    return sum(kernel_ms(fn).values()) if DEVICE == "cuda" else float("nan")
 
 
 @torch.no_grad()

@@ -10,18 +10,15 @@ benchmarks/results/).
 """
 
 import argparse
-import collections
 import json
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 from chop.models.kernels import apply_kernels
 from chop.models.loading import load_model
 from chop.provenance import provenance
 from common import result_path
-from inference_speed import DEVICE, SHAPES, sync, timed
+from inference_speed import DEVICE, SHAPES, kernel_ms, timed
 
 WAYS = {
     "cache, last logits (generate)": dict(use_cache=True, logits_to_keep=1),
@@ -29,20 +26,6 @@ WAYS = {
     "cache, all logits": dict(use_cache=True),
     "no cache, all logits (scoring)": dict(use_cache=False),
 }
-
-
-def kernels(fn) -> dict[str, float]:
-    """GPU milliseconds per kernel name in one ``fn()`` (none off a GPU)."""
-    if DEVICE != "cuda":
-        return {}
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync()
-    out: collections.Counter = collections.Counter()
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            out[e.name[:100]] += e.time_range.elapsed_us() / 1e3
-    return dict(out)
 
 
 @torch.no_grad()
@@ -72,7 +55,7 @@ def main() -> None:
     for name, way in result["ways"].items():
         print(f"{name:<32}{way['ms'][0]:>11.1f}{way['ms'][1]:>11.1f}{way['peak_gib']:>10.1f}")
     first, second = "cache, last logits (generate)", "no cache, all logits (scoring)"
-    profiles = {n: kernels(lambda: model(input_ids=ids, **WAYS[n])) for n in (first, second)}
+    profiles = {n: kernel_ms(lambda: model(input_ids=ids, **WAYS[n])) for n in (first, second)}
     names = set(profiles[first]) | set(profiles[second])
     differ = sorted(((profiles[first].get(k, 0.0), profiles[second].get(k, 0.0), k) for k in names
                      if abs(profiles[first].get(k, 0.0) - profiles[second].get(k, 0.0)) > 0.5),
@@ -83,7 +66,7 @@ def main() -> None:
           f"{second} {result['gpu_ms'][second]:.1f})")
     print(f"{'generate':>9}{'scoring':>9}  kernel")
     for x, y, k in differ:
-        print(f"{x:>9.1f}{y:>9.1f}  {k}")
+        print(f"{x:>9.1f}{y:>9.1f}  {k[:100]}")
     result_path(f"prefill_cache_{a.model}.json").write_text(json.dumps(result, indent=2))
 
 
