@@ -1,5 +1,5 @@
 """``timed(fn)``: what ``fn()`` returns and the seconds it took, the GPU's queued work included (synchronised on both
-sides), for the benchmarks that time whole phases on one GPU."""
+sides where there is a GPU), for the benchmarks that time a call or a whole phase."""
 
 import time
 
@@ -7,8 +7,11 @@ import torch
 
 
 def timed(fn):
-    torch.cuda.synchronize()
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
     return out, time.perf_counter() - t0

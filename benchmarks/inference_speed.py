@@ -28,7 +28,6 @@ else benchmarks/results/) with its provenance.
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -37,6 +36,7 @@ from chop.models.loading import load_model
 from chop.provenance import provenance
 from chop.pruning.layerchop import LayerChop, chop, num_params
 from chop.pruning.registry import pruner_from
+import gpu_clock
 from common import result_path
 
 SHAPES = {
@@ -88,12 +88,7 @@ def timed(fn, reps: int, times: list | None = None) -> float:
     """The median seconds of ``reps`` calls of ``fn`` after a warm-up; each call's seconds appended to ``times``."""
     fn()  # warm-up
     times = [] if times is None else times
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times.extend(gpu_clock.timed(fn)[1] for _ in range(reps))
     return statistics.median(times)
 
 

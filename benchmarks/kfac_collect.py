@@ -17,11 +17,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from common import result_path
+from gpu_clock import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,10 +44,6 @@ def worker(args) -> dict:
                for _ in range(args.batches)]
     layers = linears(model)
 
-    def sync() -> None:
-        if gpu:
-            torch.cuda.synchronize()
-
     def plain() -> None:
         for ids in batches:
             model.zero_grad(set_to_none=True)
@@ -55,16 +51,9 @@ def worker(args) -> dict:
             torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
         model.zero_grad(set_to_none=True)
 
-    def timed(fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
-    timed(plain), timed(lambda: kfac.collect(model, layers, batches[:1]))  # untimed: first-call costs
-    fb = timed(plain)
-    collect = timed(lambda: kfac.collect(model, layers, batches))
+    plain(), kfac.collect(model, layers, batches[:1])  # untimed: first-call costs
+    fb = timed(plain)[1]
+    collect = timed(lambda: kfac.collect(model, layers, batches))[1]
     return {"fb_s": fb, "collect_s": collect, "hooks_s": collect - fb, "chop": str(Path(kfac.__file__).parents[2])}
 
 

@@ -19,11 +19,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from common import result_path
+from gpu_clock import timed
 
 WAYS = ("liger", "chop")
 
@@ -52,25 +52,14 @@ def worker(args) -> dict:
         seconds = 0.0
         for rows, width in shapes:
             x = inputs(rows, width)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            rope(*x)
-            torch.cuda.synchronize()
-            seconds += time.perf_counter() - t0
+            seconds += timed(lambda: rope(*x))[1]
         return seconds
 
     rope(*inputs(1, 8))  # CUDA and Triton's own set-up, outside the clock (a compilation for the one-row size)
     first, second = one_pass(), one_pass()
     def per_call(x: tuple[torch.Tensor, ...]) -> float:
         """Median milliseconds of 20 calls."""
-        calls = []
-        for _ in range(20):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            rope(*x)
-            torch.cuda.synchronize()
-            calls.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(calls)
+        return 1e3 * statistics.median(timed(lambda: rope(*x))[1] for _ in range(20))
 
     largest = max(shapes, key=lambda s: s[0] * s[1])
     # Per-row positions (fast mode's packed rows), and one set for all rows (training's), which chop copies per row.
