@@ -139,79 +139,76 @@ def run(model: str, out: str, pruning: Optional[Pruning] = None, chop: Optional[
     if matmul_precision not in get_args(MatmulPrecision):
         raise ValueError(f"--matmul_precision: '{matmul_precision}' is not one of {list(get_args(MatmulPrecision))}")
     with float32_matmul_precision(matmul_precision):
-        return _run(model, out, pruning, chop, calibration, held_out, held_out_blocks, held_out_len, dtype, device,
-                    tokenizer, seed)
+        from chop.models.checkpoint import save_model
+        from chop.models.loading import load_config, load_model, load_tokenizer
 
+        folder = Path(out)
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(f"--out: '{out}' exists and is not empty; choose another directory")
+        if pruning is None and chop is None:
+            raise ValueError("--pruning/--chop: give a pruning method, layers to chop, or both")
+        config = load_config(model)
+        if pruning is not None:
+            pruning.check(config)  # bad settings or an unknown architecture: before any weights or data load
+        if chop is not None:
+            chop.n_to_remove(config.get_text_config().num_hidden_layers)
+        tok = load_tokenizer(tokenizer or model)
+        seq = ((pruning and pruning.seq_len) or getattr(config.get_text_config(), "max_position_embeddings", None)
+               or 2048)
+        batch = pruning.batch_size if pruning is not None else 4
+        wanted = max(pruning.calibration_samples if pruning is not None else 0,
+                     chop.calibration_batches * batch if chop is not None and chop.needs_calibration else 0)
+        calib = blocks(calibration, tok, seq + 1, wanted, "train", "pruning.calibration_samples") if wanted else []
+        test = blocks(held_out, tok, (held_out_len or seq) + 1, held_out_blocks, "val", "held_out_blocks") \
+            if held_out_blocks else []
+        data = Batches([torch.stack(calib[i:i + batch]) for i in range(0, len(calib), batch)])
+        torch.manual_seed(seed)
+        device = _join_ranks(device)
+        first = ranks.rank_and_world()[0] == 0  # rank 0 writes; under torchrun the others only compute
+        if first:
+            folder.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
 
-def _run(model: str, out: str, pruning: Optional[Pruning], chop: Optional[LayerChop], calibration: Text,
-         held_out: Text, held_out_blocks: int, held_out_len: Optional[int], dtype: str, device: Optional[str],
-         tokenizer: Optional[str], seed: int) -> Optional[Report]:
-    from chop.models.checkpoint import save_model
-    from chop.models.loading import load_config, load_model, load_tokenizer
+        writer = SummaryWriter(str(folder / "tensorboard")) if first else None
+        dense: list[Optional[float]] = [None]
 
-    folder = Path(out)
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"--out: '{out}' exists and is not empty; choose another directory")
-    if pruning is None and chop is None:
-        raise ValueError("--pruning/--chop: give a pruning method, layers to chop, or both")
-    config = load_config(model)
-    if pruning is not None:
-        pruning.check(config)  # bad settings or an unknown architecture: before any weights or data load
-    if chop is not None:
-        chop.n_to_remove(config.get_text_config().num_hidden_layers)
-    tok = load_tokenizer(tokenizer or model)
-    seq = (pruning and pruning.seq_len) or getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
-    batch = pruning.batch_size if pruning is not None else 4
-    wanted = max(pruning.calibration_samples if pruning is not None else 0,
-                 chop.calibration_batches * batch if chop is not None and chop.needs_calibration else 0)
-    calib = blocks(calibration, tok, seq + 1, wanted, "train", "pruning.calibration_samples") if wanted else []
-    test = blocks(held_out, tok, (held_out_len or seq) + 1, held_out_blocks, "val", "held_out_blocks") \
-        if held_out_blocks else []
-    data = Batches([torch.stack(calib[i:i + batch]) for i in range(0, len(calib), batch)])
-    torch.manual_seed(seed)
-    device = _join_ranks(device)
-    first = ranks.rank_and_world()[0] == 0  # rank 0 writes; under torchrun the others only compute
-    if first:
-        folder.mkdir(parents=True, exist_ok=True)
-    from torch.utils.tensorboard import SummaryWriter
+        def load() -> Any:
+            net = load_model(model, dtype=dtype).to(device)
+            dense[0] = perplexity(net, test) if test else None
+            if dense[0] is not None and first:
+                writer.add_scalar("pruning/ppl", dense[0], 0)
+                log.info("dense held-out perplexity %.3f", dense[0])
+            return net
 
-    writer = SummaryWriter(str(folder / "tensorboard")) if first else None
-    dense: list[Optional[float]] = [None]
+        def on_shot(shot: int, record: dict) -> None:
+            if not first:
+                return
+            writer.add_scalar("pruning/sparsity", record["sparsity"], shot)
+            if "ppl" in record:
+                writer.add_scalar("pruning/ppl", record["ppl"], shot)
+            if "lora_loss" in record:
+                writer.add_scalar("pruning/lora_loss", record["lora_loss"], shot)
+            _log_layers(writer, record["layers"], shot)
 
-    def load() -> Any:
-        net = load_model(model, dtype=dtype).to(device)
-        dense[0] = perplexity(net, test) if test else None
-        if dense[0] is not None and first:
-            writer.add_scalar("pruning/ppl", dense[0], 0)
-            log.info("dense held-out perplexity %.3f", dense[0])
-        return net
-
-    def on_shot(shot: int, record: dict) -> None:
+        student = build_student(load, chop, pruning, data, evaluate=(lambda m: perplexity(m, test)) if test else None,
+                                on_shot=on_shot)
+        report, net = student.report, student.model
         if not first:
-            return
-        writer.add_scalar("pruning/sparsity", record["sparsity"], shot)
-        if "ppl" in record:
-            writer.add_scalar("pruning/ppl", record["ppl"], shot)
-        if "lora_loss" in record:
-            writer.add_scalar("pruning/lora_loss", record["lora_loss"], shot)
-        _log_layers(writer, record["layers"], shot)
-
-    student = build_student(load, chop, pruning, data, evaluate=(lambda m: perplexity(m, test)) if test else None,
-                            on_shot=on_shot)
-    report, net = student.report, student.model
-    if not first:
+            return report
+        after = (perplexity(net, test) if test and report is None
+                 else (report.shots[-1].get("ppl") if report else None))
+        writer.close()
+        save_model(net, folder)
+        tok.save_pretrained(folder)
+        (folder / "pruning.json").write_text(json.dumps({
+            "model": model, "dense_ppl": dense[0], "ppl": after, "settings": asdict(pruning) if pruning else None,
+            "chop": student.plan.to_dict() if student.plan else None, **(report.to_dict() if report else {})},
+            indent=2))
+        what = (f"{report.method} {report.mode}, sparsity {1 - report.params_after / report.params_before:.4f} of "
+                f"the decoder linears" if report
+                else f"{len(student.plan.kept)} of {student.plan.num_layers_before} layers kept")
+        print(f"{model} -> {folder}: {what}; held-out perplexity {dense[0]} -> {after}")
         return report
-    after = perplexity(net, test) if test and report is None else (report.shots[-1].get("ppl") if report else None)
-    writer.close()
-    save_model(net, folder)
-    tok.save_pretrained(folder)
-    (folder / "pruning.json").write_text(json.dumps({
-        "model": model, "dense_ppl": dense[0], "ppl": after, "settings": asdict(pruning) if pruning else None,
-        "chop": student.plan.to_dict() if student.plan else None, **(report.to_dict() if report else {})}, indent=2))
-    what = f"{report.method} {report.mode}, sparsity {1 - report.params_after / report.params_before:.4f} of the " \
-           f"decoder linears" if report else f"{len(student.plan.kept)} of {student.plan.num_layers_before} layers kept"
-    print(f"{model} -> {folder}: {what}; held-out perplexity {dense[0]} -> {after}")
-    return report
 
 
 @dataclass
