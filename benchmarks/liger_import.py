@@ -44,8 +44,9 @@ def main() -> None:
     peft = importlib.util.find_spec("peft") is not None
     note = f"after `import chop.eval.eval_cli` in each process; peft installed: {peft}"
     out = result_path("liger_import.json")
-    out.write_text(json.dumps({"provenance": provenance(None, {"none": "imports alone: no model, no data"}, note=note), "gpu": gpu, "peft_installed": peft,
-                               "median_s": median, "runs": runs}, indent=2))
+    prov = provenance(None, {"none": "imports alone: no model, no data"}, note=note)
+    out.write_text(json.dumps({"provenance": prov, "gpu": gpu, "peft_installed": peft, "median_s": median,
+                               "runs": runs}, indent=2))
     print(f"liger-kernel's import, {gpu}, medians of {args.repeats} fresh processes (peft installed: {peft}):")
     print("| import | seconds | peft imported |\n|---|---:|---|")
     for way, rs in runs.items():
