@@ -16,7 +16,8 @@ from transformers import PreTrainedModel
 from chop.eval.engine import Encoder, Scorer, token_cache
 from chop.eval.suite import evaluate, no_gc, scored_pairs, table, to_json
 from chop.eval.tasks import get, load_docs
-from chop.models.kernels import Kernels, apply_kernels, check_device, check_installed, check_kernels
+from chop.models.kernels import (Kernels, apply_kernels, check_device, check_installed, check_kernels, compile_ahead,
+                                 hash_triton)
 
 
 class Clock:
@@ -63,8 +64,8 @@ def tokenizer_name(model: str) -> str:
 
 def load(model: str, dtype: str, device: str, kernels: Kernels = "torch") -> PreTrainedModel:
     """The model of an HF directory, a hub id (offline copies as everywhere in chop) or a ``.ckpt``, on ``device``,
-    with ``kernels``; on a GPU after one small forward, which sets up CUDA, cuBLAS and the attention kernels (seconds,
-    the first time)."""
+    with ``kernels`` (liger's compiled in threads first, ``compile_ahead``); on a GPU after one small forward, which
+    sets up CUDA, cuBLAS and the attention kernels (seconds, the first time)."""
     from chop.models.loading import DTYPES, load_config, load_model
 
     if model.endswith(".ckpt"):
@@ -78,6 +79,8 @@ def load(model: str, dtype: str, device: str, kernels: Kernels = "torch") -> Pre
         net = load_model(model, dtype=dtype)
     net = net.to(device).eval()
     apply_kernels(net, kernels)
+    if kernels != "torch":
+        compile_ahead(net)
     if net.device.type == "cuda":
         with torch.inference_mode():
             net(input_ids=torch.zeros(8, 128, dtype=torch.long, device=net.device), use_cache=False)
@@ -151,7 +154,9 @@ def run(model: str, tasks: str = "just_chop", limit: Optional[int] = None, batch
     mixed = dtype == "bf16-mixed"
     clock, start_up = Clock(), since_process_start()
     tokenizer_dir, chosen = tokenizer_name(model), get(tasks)
-    with no_gc(), ThreadPoolExecutor(1) as pool:  # the model loads while the documents are read and tokenised
+    with no_gc(), ThreadPoolExecutor(2) as pool:  # the model loads while the documents are read and tokenised
+        if kernels != "torch":  # and Triton's hash of itself, outside the GIL, before liger's first kernel asks for it
+            pool.submit(hash_triton)
         loading = pool.submit(clock.time, "load model", load, model, "float32" if mixed else dtype, device, kernels)
         tokenizer = clock.time("load tokenizer", load_tokenizer, tokenizer_dir)
         # this process forks nothing after it: the tokenizer's threads

@@ -13,6 +13,8 @@ import contextlib
 import functools
 import importlib.util
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, ContextManager, Literal, Optional, get_args
 
 import torch
@@ -116,6 +118,61 @@ def rope_as_one_row(rope: Callable, q: torch.Tensor, k: torch.Tensor, cos: torch
     cos, sin = (c.expand(b, n, c.shape[-1]).reshape(1, b * n, c.shape[-1]) for c in (cos, sin))
     q, k = rope(fold(q, 1, b * n), fold(k, 1, b * n), cos, sin, None, unsqueeze_dim)
     return fold(q, b, n), fold(k, b, n)
+
+
+_TRITON_KEY = threading.Lock()
+ROPE_TOKENS = (256, 255)  # compile_ahead's token counts: divisible by 16 and not
+
+
+def hash_triton() -> None:
+    """Triton's cache key for this process, computed now. Its first compilation or cache lookup in a process hashes
+    its compiler and its library (1.5 s on an H200 machine, its on-disk cache warm or cold; ``triton_key`` keeps the
+    result for the process), and hashing runs outside the GIL: a thread can do it while the model loads. A second
+    caller waits for the first's result instead of hashing again."""
+    with _TRITON_KEY:
+        try:
+            from triton.runtime.cache import triton_key
+        except ImportError:  # a Triton without it: its first kernel call hashes, as before
+            return
+        triton_key()
+
+
+def compile_ahead(model: Any) -> None:
+    """Compile liger's kernels for ``model``'s shapes before its first forward, in threads: a kernel's first call in a
+    process compiles it where Triton's on-disk cache lacks it (ptxas, and a launcher built by the system's C compiler:
+    0.3 to 0.5 s each on an H200 machine), a forward calls them one after another, and the compilers run outside the
+    GIL. One call per distinct patched module, and the rotary function at a token count divisible by 16 and one not
+    (it takes the count as an integer, which Triton specialises on that); shapes this misses compile in the forward."""
+    hash_triton()
+    param = next(model.parameters())
+    calls, seen = [], set()
+    for module in model.modules():
+        params = list(module.parameters())
+        key = (type(module), *(p.shape for p in params))
+        # liger patches a model's modules by binding its forward to each (or, for some, by swapping the module)
+        forward = getattr(module.__dict__.get("forward", type(module).forward), "__module__", None) or ""
+        if forward.startswith("liger_kernel") and params and key not in seen:
+            seen.add(key)  # a norm's weight is (width,), an MLP's first projection (inner, width): its input width
+            calls.append(functools.partial(module, param.new_zeros(ROPE_TOKENS[0], params[0].shape[-1])))
+    rope = getattr(sys.modules.get(type(model).__module__), "apply_rotary_pos_emb", None)
+    if isinstance(rope, functools.partial) and rope.func is rope_as_one_row:
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        for t in ROPE_TOKENS:  # HF's layout: (batch, heads, tokens, dim), a transposed view
+            q, k = (param.new_zeros(1, t, n, dim).transpose(1, 2)
+                    for n in (heads, getattr(config, "num_key_value_heads", None) or heads))
+            calls.append(functools.partial(rope, q, k, param.new_zeros(1, t, dim), param.new_zeros(1, t, dim)))
+    if not calls:
+        return
+
+    def call(fn: Callable) -> None:
+        with torch.inference_mode():  # in each thread: grad mode is thread-local
+            fn()
+
+    call(calls[0])  # alone: Triton's first kernel in a process also sets up its driver
+    with ThreadPoolExecutor(max(1, len(calls) - 1)) as pool:
+        list(pool.map(call, calls[1:]))
 
 
 def fused_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear,

@@ -137,6 +137,66 @@ def test_liger_rope_compiles_once_for_batches_of_any_size(monkeypatch):
     assert compiled() - before <= 2, f"{compiled() - before} compilations for 6 batch sizes"
 
 
+@pytest.mark.gpu
+def test_after_compile_ahead_a_forward_compiles_nothing_more(monkeypatch):
+    """On a GPU, `compile_ahead` compiles (or finds in Triton's cache) every kernel a forward of liger's Llama runs,
+    at token counts divisible by 16 and not: the forwards after it add no compilation (a shape no earlier test used,
+    so that each kernel's count grows in compile_ahead itself)."""
+    from liger_kernel.ops.rms_norm import _rms_norm_forward_kernel
+    from liger_kernel.ops.rope import _triton_rope
+    from liger_kernel.ops.swiglu import _swiglu_forward_kernel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", HF_ROPE)  # restored after: liger patches the module
+    config = LlamaConfig(**dict(TINY["llama"], hidden_size=320, intermediate_size=704, num_attention_heads=10,
+                                num_key_value_heads=2))
+    model = LlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    kernels.apply_kernels(model, "liger")
+
+    def compiled() -> list[int]:
+        return [sum(len(cache[0]) for cache in jit.device_caches.values())
+                for jit in (_rms_norm_forward_kernel, _swiglu_forward_kernel, _triton_rope)]
+
+    before = compiled()
+    kernels.compile_ahead(model)
+    ahead = compiled()
+    with torch.inference_mode():
+        for rows, tokens in ((1, 256), (3, 85), (5, 51), (4, 64)):
+            model(input_ids=torch.randint(0, config.vocab_size, (rows, tokens), device="cuda"), use_cache=False)
+    assert all(a > b for a, b in zip(ahead, before)), (before, ahead)
+    assert compiled() == ahead, f"compiled in the forwards: {compiled()} against {ahead} after compile_ahead"
+
+
+def test_compile_ahead_calls_each_distinct_patched_module_once_and_the_rotary_at_two_counts(monkeypatch):
+    """What `chop eval` compiles in threads before its first forward: one call of each distinct module liger patched
+    (found by its bound forward: the class stays transformers'), and the rotary function at a token count divisible
+    by 16 and one not; modules liger left alone are not called."""
+    import functools
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    calls = []
+
+    def forward(self, x):
+        calls.append((type(self).__name__, tuple(x.shape), torch.is_inference_mode_enabled()))
+        return x
+
+    def rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        calls.append(("rope", tuple(q.shape), tuple(k.shape), tuple(cos.shape)))
+        return q, k
+
+    forward.__module__ = rope.__module__ = "liger_kernel.ops.fake"  # as liger's own functions are
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY["llama"], num_attention_heads=4, num_key_value_heads=2)))
+    for layer in model.model.layers:
+        for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+            module.forward = forward.__get__(module)  # how liger patches an instance
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", functools.partial(kernels.rope_as_one_row, rope))
+    kernels.compile_ahead(model)
+    width, dim = model.config.hidden_size, model.config.hidden_size // 4
+    assert sorted(calls) == sorted([("LlamaRMSNorm", (256, width), True), ("LlamaMLP", (256, width), True),
+                                    ("rope", (1, 4, 256, dim), (1, 2, 256, dim), (1, 256, dim)),
+                                    ("rope", (1, 4, 255, dim), (1, 2, 255, dim), (1, 255, dim))])
+
+
 def test_liger_is_imported_without_peft_and_leaves_peft_importable(monkeypatch, tmp_path):
     """liger-kernel imports peft where installed (a second of `chop eval`'s loading) only to recognise PEFT-wrapped
     modules: ``kernels.liger`` imports a module whose `import peft` then fails, and peft imports as before after."""
