@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, ContextManager, Literal, Optional, get_args
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Kernels = Literal["torch", "liger"]
 # Which backend attention tries first. PyTorch's own order depends on its version and the GPU: on an H200 with torch
@@ -167,8 +170,11 @@ def compile_ahead(model: Any) -> None:
         return
 
     def call(fn: Callable) -> None:
-        with torch.inference_mode():  # in each thread: grad mode is thread-local
-            fn()
+        try:
+            with torch.inference_mode():  # in each thread: grad mode is thread-local
+                fn()
+        except Exception as err:  # a module patched with another signature: the forward compiles its kernel
+            log.debug("compile_ahead: %s not compiled ahead (%s)", fn, err)
 
     call(calls[0])  # alone: Triton's first kernel in a process also sets up its driver
     with ThreadPoolExecutor(max(1, len(calls) - 1)) as pool:

@@ -170,7 +170,8 @@ def test_after_compile_ahead_a_forward_compiles_nothing_more(monkeypatch):
 def test_compile_ahead_calls_each_distinct_patched_module_once_and_the_rotary_at_two_counts(monkeypatch):
     """What `chop eval` compiles in threads before its first forward: one call of each distinct module liger patched
     (found by its bound forward: the class stays transformers'), and the rotary function at a token count divisible
-    by 16 and one not; modules liger left alone are not called."""
+    by 16 and one not; modules liger left alone are not called, and one patched with another signature is left to
+    the forward."""
     import functools
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -184,11 +185,15 @@ def test_compile_ahead_calls_each_distinct_patched_module_once_and_the_rotary_at
         calls.append(("rope", tuple(q.shape), tuple(k.shape), tuple(cos.shape)))
         return q, k
 
-    forward.__module__ = rope.__module__ = "liger_kernel.ops.fake"  # as liger's own functions are
+    def attention(self, hidden, position_embeddings, attention_mask):
+        calls.append("attention")
+
+    forward.__module__ = rope.__module__ = attention.__module__ = "liger_kernel.ops.fake"  # as liger's own are
     model = LlamaForCausalLM(LlamaConfig(**dict(TINY["llama"], num_attention_heads=4, num_key_value_heads=2)))
     for layer in model.model.layers:
         for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
             module.forward = forward.__get__(module)  # how liger patches an instance
+    model.model.layers[0].self_attn.forward = attention.__get__(model.model.layers[0].self_attn)
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", functools.partial(kernels.rope_as_one_row, rope))
     kernels.compile_ahead(model)
     width, dim = model.config.hidden_size, model.config.hidden_size // 4
