@@ -15,8 +15,8 @@ benchmarks/results/).
 
 import argparse
 import copy
+import functools
 import json
-import time
 
 import torch
 
@@ -26,6 +26,7 @@ from chop.pruning.prune_cli import float32_matmul_precision, perplexity
 from chop.pruning.registry import pruner_from
 from chop.pruning.structures import linears
 from common import result_path
+from gpu_clock import timed
 from surgeon_quality import add_data_arguments, load_data
 
 
@@ -72,11 +73,7 @@ def main() -> None:
             model = copy.deepcopy(dense)
             with float32_matmul_precision("high" if name == REAL else "highest"):
                 factors = kfac.collect(dense, first, batches)
-                torch.cuda.synchronize() if cuda else None
-                t0 = time.perf_counter()
-                spec.prune(model, batches)
-                torch.cuda.synchronize() if cuda else None
-                seconds = time.perf_counter() - t0
+                seconds = timed(functools.partial(spec.prune, model, batches))[1]
             err = {k: max(((getattr(factors[n], k) - getattr(reference[n], k)).norm()
                            / getattr(reference[n], k).norm()).item() for n in first) for k in ("A", "G")}
             run = {"moment_inputs": name, "mantissa_bits": bits if name != REAL else 10, "ppl": perplexity(model, held),
