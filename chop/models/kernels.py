@@ -151,11 +151,13 @@ def compile_ahead(model: Any) -> None:
     param = next(model.parameters())
     calls, seen = [], set()
     for module in model.modules():
-        params = list(module.parameters())
-        key = (type(module), *(p.shape for p in params))
         # liger patches a model's modules by binding its forward to each (or, for some, by swapping the module)
         forward = getattr(module.__dict__.get("forward", type(module).forward), "__module__", None) or ""
-        if forward.startswith("liger_kernel") and params and key not in seen:
+        if not forward.startswith("liger_kernel"):
+            continue
+        params = list(module.parameters())
+        key = (type(module), *(p.shape for p in params))
+        if params and key not in seen:
             seen.add(key)  # a norm's weight is (width,), an MLP's first projection (inner, width): its input width
             calls.append(functools.partial(module, param.new_zeros(ROPE_TOKENS[0], params[0].shape[-1])))
     rope = getattr(sys.modules.get(type(model).__module__), "apply_rotary_pos_emb", None)
